@@ -1,0 +1,196 @@
+"""Datasets: image folders (class folders or a flat folder), unreadable files, Fashion-MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .loader import to_rgb
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# The small real dataset that ships with the repository (see data/README.md).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_ROOT = REPO_ROOT / "data" / "fashion-mnist-demo"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def resolve_split_dir(root: str | os.PathLike, split: str) -> Path:
+    """MoCo's layout is `root/train` and `root/val`; a root without that sub-folder is used as is."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data folder '{root}' does not exist. Pass an ImageFolder root: either "
+            f"'ROOT/{split}/<class>/<image>' (ImageNet layout), a folder of class folders, or a folder of images."
+        )
+    if not root.is_dir():
+        raise NotADirectoryError(f"data path '{root}' is a file; pass the folder that holds the images")
+    sub = root / split
+    return sub if sub.is_dir() else root
+
+
+def find_samples(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """List the images under `root` with their labels.
+
+    A root with class folders gives ImageFolder's labels (class folders sorted by name, images
+    found recursively inside each). A root that holds only images gives label -1 for each
+    (unlabelled data is fine for pretraining). Raises a ValueError naming the folder when it
+    holds no image.
+    """
+    root = Path(root)
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    samples: list[tuple[str, int]] = []
+    classes: list[str] = []
+    for cls in class_dirs:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames.sort()
+            files += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        if files:
+            samples += [(f, len(classes)) for f in files]
+            classes.append(cls)
+    if not samples:
+        samples = [(e.path, -1) for e in entries if e.is_file() and _is_image(e.name)]
+    if not samples:
+        raise ValueError(
+            f"no images found in '{root}' (looked for {', '.join(IMG_EXTENSIONS)} files in class "
+            "sub-folders or directly in it). Point the data argument at an ImageFolder root."
+        )
+    return samples, classes
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode an image file fully (so a truncated file fails here, not later) as RGB."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images with labels (or -1) from `find_samples`, robust to unreadable files.
+
+    A truncated, corrupt or non-image file is skipped with a warning and replaced by the next
+    readable sample, so batch shapes (and processes under DDP) stay in step. Each item is
+    `(transform(image), label, skipped)` where `skipped` counts the unreadable files this item
+    replaced; the training loop sums it into a per-epoch count.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable | None = None,
+        classes: Sequence[str] = (),
+        loader: Callable[[str], Image.Image] = load_image,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.classes = list(classes)
+        self.loader = loader
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, transform: Callable | None = None) -> "ImageDataset":
+        samples, classes = find_samples(root)
+        return cls(samples, transform, classes)
+
+    @property
+    def targets(self) -> list[int]:
+        return [s[1] for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for skipped in range(n):
+            path, label = self.samples[(index + skipped) % n]
+            try:
+                img = self.loader(path)
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, label, skipped
+        raise RuntimeError(f"none of the {n} files of this dataset could be read as an image")
+
+
+def verify_images(samples: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:
+    """Decode every file; return (path, reason) for each one that cannot be read."""
+    bad = []
+    for path, _ in samples:
+        try:
+            load_image(path)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST (idx files), for the demo data and the quality benchmark
+# ----------------------------------------------------------------------------------------------
+
+FASHION_MNIST_CLASSES = (
+    "t-shirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)  # fmt: skip
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N x 28 x 28 uint8) and labels (N int64) of `split` ('train'/'test').
+
+    Looks in `root` (default: Debian's /usr/share/datasets/fashion-mnist), accepting the plain
+    idx files, their .gz versions and torchvision's `FashionMNIST/raw` layout.
+    """
+    root = Path(root or FASHION_MNIST_DEBIAN)
+    prefix = "train" if split == "train" else "t10k"
+    images = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    if images is None or labels is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} files not found under '{root}' (looked for {prefix}-images-idx3-ubyte[.gz] "
+            "there and in FashionMNIST/raw). On Debian: `apt-get install dataset-fashion-mnist`; or pass "
+            "the folder torchvision.datasets.FashionMNIST(root, download=True) created."
+        )
+    x, y = read_idx(images), read_idx(labels).astype(np.int64)
+    if len(x) != len(y):
+        raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
+    return x, y

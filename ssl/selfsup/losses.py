@@ -1,0 +1,55 @@
+"""Loss functions of the three methods."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import all_gather_with_grad, get_rank
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, distributed: bool = False
+) -> torch.Tensor:
+    """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al., 2020).
+
+    z1, z2: N x C, two views of the same N samples (row i of z1 and row i of z2 form a pair).
+    With 2N anchors, each anchor's positive is its other view and its negatives are the other
+    2N - 2 samples; the loss is the mean over anchors of
+    -log(exp(sim(a, pos) / T) / sum_{b != a} exp(sim(a, b) / T)), sim being cosine similarity.
+
+    With `distributed=True` every process contributes its embeddings: the negatives are all
+    samples of all processes and gradients flow back through the gather. The value returned is
+    the mean over this process's 2N anchors; averaged over processes (as DistributedDataParallel
+    does with gradients) it equals the loss of one process over the global batch. At world size
+    1 both modes are the same.
+    """
+    n = z1.shape[0]
+    z1 = F.normalize(z1, dim=1)
+    z2 = F.normalize(z2, dim=1)
+    if distributed:
+        z1_all = all_gather_with_grad(z1)  # (W*N) x C
+        z2_all = all_gather_with_grad(z2)  # (W*N) x C
+        offset = get_rank() * n
+    else:
+        z1_all, z2_all, offset = z1, z2, 0
+    total = z1_all.shape[0]  # W*N
+    anchors = torch.cat([z1, z2], dim=0)  # 2N x C
+    candidates = torch.cat([z1_all, z2_all], dim=0)  # 2WN x C
+    logits = anchors @ candidates.T / temperature  # 2N x 2WN
+
+    local = torch.arange(n, device=z1.device) + offset  # this process's rows in z1_all
+    self_idx = torch.cat([local, local + total])  # each anchor's own column
+    pos_idx = torch.cat([local + total, local])  # each anchor's other view
+    rows = torch.arange(2 * n, device=z1.device)
+    logits[rows, self_idx] = float("-inf")  # an anchor is never its own negative
+    return F.cross_entropy(logits, pos_idx)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss 2 - 2 cos(p, z) per sample (Grill et al., 2020, Eq. 2).
+
+    p: N x C predictions of the online network; z: N x C projections of the target network
+    (detached by the caller). Returns a tensor of N values in [0, 4].
+    """
+    return 2 - 2 * F.cosine_similarity(p, z, dim=-1)

@@ -1,0 +1,112 @@
+"""Optimizers and schedules: LARS, learning-rate warmup + cosine, MoCo's step schedule and the
+cosine momentum schedule of BYOL / moco-v3."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al., arXiv:1708.03888), as used by SimCLR, BYOL
+    and moco-v3.
+
+    For each parameter with more than one dimension: g <- g + wd * p, then g <- g * eta * |p| / |g|
+    (the trust ratio, 1 when either norm is 0); then heavy-ball momentum. Biases and BatchNorm
+    parameters (ndim == 1) get neither weight decay nor the trust ratio, as in those papers.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.norm(p), torch.norm(g)
+                    one = torch.ones_like(p_norm)
+                    ratio = torch.where(
+                        p_norm > 0,
+                        torch.where(g_norm > 0, group["trust_coefficient"] * p_norm / g_norm, one),
+                        one,
+                    )
+                    g = g.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(g)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def param_groups_no_decay_1d(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed) and biases/BatchNorm parameters (not decayed), for SGD
+    recipes that exclude 1-d parameters from weight decay (LARS skips them by itself)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """'sgd' (torch SGD, multi-tensor 'foreach' kernels) or 'lars'."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{name}'; valid: sgd, lars")
+
+
+def cosine_lr(base_lr: float, epoch: float, epochs: float, warmup_epochs: float = 0.0) -> float:
+    """Linear warmup from 0 over `warmup_epochs`, then half-cosine decay to 0 at `epochs`.
+
+    `epoch` is fractional (epoch + step / steps_per_epoch) so the schedule moves every step.
+    """
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_lr(base_lr: float, epoch: float, schedule: Sequence[int], warmup_epochs: float = 0.0) -> float:
+    """MoCo's schedule: multiply by 0.1 at each epoch listed in `schedule` (after any warmup)."""
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    return base_lr * 0.1 ** sum(int(epoch) >= milestone for milestone in schedule)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def cosine_momentum(base_m: float, epoch: float, epochs: float) -> float:
+    """EMA momentum rising from `base_m` to 1 along a half cosine (BYOL, Sec. 3.2; moco-v3)."""
+    return 1.0 - (1.0 - base_m) * 0.5 * (1.0 + math.cos(math.pi * min(epoch / epochs, 1.0)))

@@ -1,0 +1,97 @@
+"""Shared test utilities: real multi-process runs (gloo) and tiny generated image folders."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` real gloo processes; return each rank's
+    result (whatever torch.save can store). `fn` must be a module-level function."""
+    out = tmp_path / f"dist-{fn.__name__}"
+    out.mkdir(exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, str(out))) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    errors = [(out / f"rank{r}.err").read_text() for r in range(world_size) if (out / f"rank{r}.err").exists()]
+    if errors or any(p.exitcode != 0 for p in procs):
+        raise AssertionError("distributed worker failed:\n" + "\n".join(errors or [str([p.exitcode for p in procs])]))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 24, flat: bool = False,
+                      seed: int = 0, ext: str = "png") -> Path:
+    """Write a tiny ImageFolder of random-but-structured RGB images (class-dependent colour)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for c in range(classes):
+        folder = root if flat else root / f"class{c}"
+        folder.mkdir(exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), dtype=np.float32)
+            base[..., c % 3] = 160
+            img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"c{c}_{i:03d}.{ext}")
+    return root
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """Environment for running the entry scripts in a subprocess against this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "ssl") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_script(args: list[str], cwd: Path | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run a Python entry script of the repository; returns the completed process (no check)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=script_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc` on CPU (gloo)."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                      timeout=timeout, **env)
