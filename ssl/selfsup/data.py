@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .loader import to_rgb
+from .sampler import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        # `item` is an index, or (index, seed) from ResumableDistributedSampler: the augmentation
+        # is then seeded per sample, independent of loader workers (exact resume).
+        index, seed = item if isinstance(item, tuple) else (item, None)
         n = len(self.samples)
         for skipped in range(n):
             path, label = self.samples[(index + skipped) % n]
@@ -127,7 +131,11 @@ class ImageDataset(torch.utils.data.Dataset):
                     logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
                 continue
             if self.transform is not None:
-                img = self.transform(img)
+                if seed is None:
+                    img = self.transform(img)
+                else:
+                    with seeded(seed):
+                        img = self.transform(img)
             return img, label, skipped
         raise RuntimeError(f"none of the {n} files of this dataset could be read as an image")
 

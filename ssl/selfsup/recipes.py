@@ -1,0 +1,105 @@
+"""Hyperparameters: each method's defaults, the papers' recipes (--preset) and the demo recipe.
+
+Precedence when main_pretrain.py resolves its configuration, lowest first:
+common defaults < the method's defaults < the preset (or the demo recipe) < flags on the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Used whatever the method, unless something above overrides them (facebookresearch/moco's defaults).
+COMMON: dict[str, Any] = {
+    "arch": "resnet50",
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.03,
+    "schedule": [120, 160],
+    "momentum": 0.9,
+    "wd": 1e-4,
+    "optimizer": "sgd",
+    "warmup_epochs": 0.0,
+    "cos": False,
+    "image_size": 224,
+    "small_stem": False,
+}
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # MoCo v1 (facebookresearch/moco main_moco.py defaults).
+    "moco": {"moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.07, "mlp": False,
+             "aug": "moco_v1", "moco_m_cos": False},
+    "byol": {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.996, "aug": "byol", "moco_m_cos": True},
+    "simclr": {"moco_dim": 128, "mlp_dim": 2048, "moco_t": 0.1, "aug": "simclr"},
+}
+
+# The papers' ImageNet recipes. `lr_per_256` means lr = lr_per_256 * batch_size / 256 unless
+# --lr is given. `reported` is the paper's ResNet-50 ImageNet linear top-1, for the README.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mocov1": {
+        "method": "moco", "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03,
+        "schedule": [120, 160], "wd": 1e-4, "moco_dim": 128, "moco_k": 65536, "moco_m": 0.999,
+        "moco_t": 0.07, "mlp": False, "aug": "moco_v1", "cos": False,
+        "source": "He et al. 2020 (arXiv:1911.05722) and facebookresearch/moco README",
+        "reported": "60.6% (paper), 60.8% (facebookresearch/moco), ResNet-50, 200 epochs",
+    },
+    "mocov2": {
+        "method": "moco", "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03,
+        "wd": 1e-4, "moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.2,
+        "mlp": True, "aug": "moco_v2", "cos": True,
+        "source": "Chen et al. 2020 (arXiv:2003.04297); moco --mlp --moco-t 0.2 --aug-plus --cos",
+        "reported": "67.5% (paper), 67.7% (facebookresearch/moco), ResNet-50, 200 epochs; 71.1% at 800 epochs",
+    },
+    "byol": {
+        "method": "byol", "arch": "resnet50", "epochs": 1000, "batch_size": 4096, "lr_per_256": 0.2,
+        "wd": 1.5e-6, "optimizer": "lars", "warmup_epochs": 10, "cos": True, "moco_dim": 256,
+        "mlp_dim": 4096, "moco_m": 0.996, "moco_m_cos": True, "aug": "byol",
+        "source": "Grill et al. 2020 (arXiv:2006.07733), Sec. 3.2 and Appendix C",
+        "reported": "74.3%, ResNet-50, 1000 epochs, batch 4096",
+    },
+    "simclr": {
+        "method": "simclr", "arch": "resnet50", "epochs": 1000, "batch_size": 4096, "lr_per_256": 0.3,
+        "wd": 1e-6, "optimizer": "lars", "warmup_epochs": 10, "cos": True, "moco_dim": 128,
+        "mlp_dim": 2048, "moco_t": 0.1, "aug": "simclr",
+        "source": "Chen et al. 2020 (arXiv:2002.05709), Sec. 2.3 and Appendix B.1",
+        "reported": "69.3%, ResNet-50, 1000 epochs, batch 4096",
+    },
+}
+
+# `python main_pretrain.py` without a data argument: the embedded Fashion-MNIST demo, sized to
+# finish on a laptop CPU in a couple of minutes. Per method, on top of METHOD_DEFAULTS.
+# The standard (ImageNet) stem keeps a ResNet-18 step at 32 px about 8x cheaper than the small
+# stem on a CPU; the demo is about seeing the whole pipeline run, not the best accuracy.
+DEMO: dict[str, Any] = {
+    "arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 3, "batch_size": 128,
+    "lr": 0.06, "cos": True, "wd": 5e-4, "workers": 1,
+}
+DEMO_METHOD: dict[str, dict[str, Any]] = {
+    "moco": {"moco_k": 4096, "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2"},
+    "byol": {"lr": 0.2, "optimizer": "lars", "wd": 1.5e-6, "mlp_dim": 512, "moco_dim": 128},
+    "simclr": {"lr": 0.3, "optimizer": "lars", "wd": 1e-6, "mlp_dim": 512, "moco_t": 0.2},
+}
+
+# Keys of the recipes that are documentation, not configuration.
+INFO_KEYS = ("source", "reported", "lr_per_256")
+
+
+def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[str, Any]) -> dict[str, Any]:
+    """Merge the layers into one configuration. `explicit` holds only the flags the user set."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown --preset '{preset}'; valid: {', '.join(PRESETS)}")
+    recipe = PRESETS.get(preset, {})
+    if method is not None and preset is not None and recipe["method"] != method:
+        raise ValueError(f"--preset {preset} is a {recipe['method']} recipe but --method {method} was given")
+    method = method or recipe.get("method") or "moco"
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown --method '{method}'; valid: {', '.join(METHOD_DEFAULTS)}")
+    cfg: dict[str, Any] = {**COMMON, **METHOD_DEFAULTS[method]}
+    if demo:
+        cfg.update(DEMO)
+        cfg.update(DEMO_METHOD[method])
+    cfg.update({k: v for k, v in recipe.items() if k not in INFO_KEYS})
+    cfg.update(explicit)
+    cfg["method"] = method
+    if "lr" not in explicit and "lr_per_256" in recipe:
+        cfg["lr"] = recipe["lr_per_256"] * cfg["batch_size"] / 256
+    return cfg
