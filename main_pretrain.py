@@ -106,6 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every-steps", default=0, type=int,
                    help="also checkpoint every N steps inside an epoch (0: only at epoch ends)")
     p.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
     # MoCo's launcher: one process per local GPU without torchrun.
     p.add_argument("--multiprocessing-distributed", action="store_true",
                    help="spawn one process per GPU on this node (MoCo's launcher); torchrun does not need it")
@@ -231,8 +233,12 @@ def main(args: argparse.Namespace) -> int:
         cleanup_distributed()
 
 
+# Bad input, reported as one message and exit status 2.
+_INPUT_ERRORS = (UsageError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
 def prepare(args: argparse.Namespace, dist_info: DistInfo):
-    """Validate inputs and build everything; raises UsageError/CheckpointError on bad input."""
+    """Validate inputs and build data, model and optimizer. Raises one of _INPUT_ERRORS on bad input."""
     local_batch = check_batch(args.batch_size, dist_info.world_size)
     if args.sync_bn and dist_info.device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); use --bn-splits on CPU")
@@ -245,9 +251,11 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
         for path, reason in bad:
             logger.warning("unreadable image: %s (%s)", path, reason)
         logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
-
     pipeline = build_pretrain_pipeline(str(data_dir), args.aug, args.image_size, local_batch, args.workers,
                                        dist_info, args.seed, args.aug_backend, args.channels_last)
+    if args.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
                         **model_options(args, args.batch_size))
@@ -257,42 +265,95 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, args.lr, args.momentum, args.wd)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
-    start = {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
-    ckpt_path = Path(args.resume) if args.resume else output_dir / "checkpoint.pth.tar"
-    if args.resume or ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt, args, ckpt_path)
-        state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    return model, optimizer, scaler, pipeline, output_dir
+
+
+def read_resume_checkpoint(path: Path, required: bool, dist_info: DistInfo) -> dict | None:
+    """Rank 0 reads the checkpoint and sends it to every process, so all resume from the same
+    file (no shared filesystem needed) and all fail together on a bad one."""
+    payload: object = None
+    if dist_info.is_main and (required or path.is_file()):
         try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UsageError(f"checkpoint '{ckpt_path}' does not fit this model (other --moco-dim/--moco-k/--mlp/"
-                             f"--mlp-dim?): {str(e).splitlines()[0]} ...") from e
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
-        if start["step"] >= pipeline.sampler.steps_per_epoch:  # a step checkpoint at an epoch's end
-            start = {"epoch": start["epoch"] + 1, "step": 0, "meters": None}
-        rng = ckpt.get("rng")
-        if rng and len(rng) == dist_info.world_size:
-            restore_rng_state(rng[dist_info.rank])
-        elif rng:
-            logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not bitwise)",
-                           len(rng), dist_info.world_size)
-        logger.info("resumed from %s: epoch %d, step %d", ckpt_path, start["epoch"], start["step"])
-    return model, optimizer, scaler, pipeline, start, output_dir
+            payload = load_checkpoint(path)
+        except CheckpointError as e:
+            payload = str(e)
+    if dist_info.distributed:
+        box = [payload]
+        dist.broadcast_object_list(box, src=0, device=dist_info.device if dist_info.device.type == "cuda" else None)
+        payload = box[0]
+    if isinstance(payload, str):
+        raise CheckpointError(payload)
+    return payload
+
+
+def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int, output_dir: Path) -> dict:
+    """Restore model (queue and target network included), optimizer, scaler, position and random
+    streams from --resume or OUTPUT_DIR/checkpoint.pth.tar; returns where to continue."""
+    start = {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
+    path = Path(args.resume) if args.resume else output_dir / "checkpoint.pth.tar"
+    ckpt = read_resume_checkpoint(path, bool(args.resume), dist_info)
+    if ckpt is None:
+        return start
+    check_compatible(ckpt, args, path)
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/"
+                         f"--mlp-dim?): {str(e).splitlines()[0]} ...") from e
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
+    if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end
+        start = {"epoch": start["epoch"] + 1, "step": 0, "meters": None}
+    rng = ckpt.get("rng")
+    if rng and len(rng) == dist_info.world_size:
+        restore_rng_state(rng[dist_info.rank])
+    elif rng:
+        logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not bitwise)",
+                       len(rng), dist_info.world_size)
+    logger.info("resumed from %s: epoch %d, step %d (global step %d)", path, start["epoch"], start["step"],
+                ckpt.get("global_step", start["epoch"] * steps_per_epoch + start["step"]))
+    return start
+
+
+def _no_buffer_sync() -> dict:
+    """DDP keyword that stops the per-step buffer broadcast (renamed in recent PyTorch)."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _all_ok(ok: bool, dist_info: DistInfo) -> bool:
+    """True when every process is ok: a process that found bad input stops all of them, never
+    leaving the others waiting in a collective."""
+    if not dist_info.distributed:
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0], device=dist_info.device)
+    dist.all_reduce(t)
+    return t.item() == 0
 
 
 def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
+    error = None
     try:
-        model, optimizer, scaler, pipeline, start, output_dir = prepare(args, dist_info)
-    except (UsageError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        logging.getLogger().error("error: %s", e)
+        model, optimizer, scaler, pipeline, output_dir = prepare(args, dist_info)
+    except _INPUT_ERRORS as e:
+        error = e
+    if not _all_ok(error is None, dist_info):
+        logging.getLogger().error("error: %s", error or "another process found bad input (see rank 0's message)")
         return 2
     setup_logging(dist_info.rank, output_dir)
+    steps_per_epoch = pipeline.sampler.steps_per_epoch
+    try:
+        start = resume(args, dist_info, model, optimizer, scaler, steps_per_epoch, output_dir)
+    except _INPUT_ERRORS as e:
+        logging.getLogger().error("error: %s", e)
+        return 2
     if dist_info.is_main:
         with open(output_dir / "args.json", "w") as f:
             json.dump({k: v for k, v in vars(args).items()}, f, indent=1, default=str)
@@ -314,9 +375,8 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
         # Buffers are not broadcast: every process enqueues the same gathered keys already.
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
-            broadcast_buffers=False)
+            **_no_buffer_sync())
 
-    steps_per_epoch = pipeline.sampler.steps_per_epoch
     stop = StopRequest().install()
     ctx = StepContext(
         method=args.method, epochs=args.epochs, steps_per_epoch=steps_per_epoch, base_lr=args.lr, cos=args.cos,
@@ -369,6 +429,10 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     except NonFiniteLossError as e:
         logging.getLogger().error("error: %s Last good checkpoint: %s", e,
                                   latest if latest.exists() else "none written yet")
+        return 1
+    except CheckpointError as e:
+        logging.getLogger().error("error: %s Training stopped; rerun the same command once the problem is fixed "
+                                  "to resume from the last checkpoint.", e)
         return 1
     finally:
         stop.uninstall()

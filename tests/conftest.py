@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The tests exercise this checkout's code even where another copy is pip-installed.
 sys.path.insert(0, str(REPO / "ssl"))
+sys.path.insert(0, str(REPO))  # the entry scripts (main_pretrain.py, ...)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402

@@ -1,0 +1,130 @@
+"""main_pretrain.py end to end on tiny generated images: one process, torchrun, bad input."""
+
+import json
+
+import pytest
+import torch
+
+import main_pretrain
+from helpers import make_image_folder, run_script, torchrun
+
+TINY = ["-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "1", "-j", "0", "--moco-dim", "16",
+        "-p", "100", "--seed", "1"]
+METHOD_FLAGS = {"moco": ["--moco-k", "16", "--mlp"], "byol": ["--mlp-dim", "32"], "simclr": ["--mlp-dim", "32"]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=8, size=20)
+
+
+def pretrain(*argv) -> int:
+    return main_pretrain.cli([str(a) for a in argv])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+def test_one_process_trains_and_writes_a_moco_style_checkpoint(method, folder, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(folder, "--method", method, *TINY, *METHOD_FLAGS[method], "--output-dir", out) == 0
+    ckpt = load(out / "checkpoint.pth.tar")  # weights_only=True: plain types only
+    assert {"epoch", "arch", "method", "state_dict", "optimizer", "scaler", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18" and ckpt["method"] == method
+    keys = set(ckpt["state_dict"])
+    assert all(k.startswith("module.") for k in keys)
+    assert "module.encoder_q.conv1.weight" in keys and "module.encoder_q.layer4.1.bn2.weight" in keys
+    if method == "moco":
+        assert {"module.queue", "module.queue_ptr", "module.encoder_k.conv1.weight",
+                "module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.weight"} <= keys
+    if method == "byol":
+        assert "module.encoder_k.conv1.weight" in keys and "module.predictor.0.weight" in keys
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["method"] == method
+    assert (out / "checkpoint_0000.pth.tar").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert record["epoch"] == 0 and record["loss"] > 0 and record["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+def test_torchrun_two_processes(method, folder, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(2, ["main_pretrain.py", str(folder), "--method", method, *TINY, *METHOD_FLAGS[method],
+                     "--output-dir", str(out), "-j", "1"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    ckpt = load(out / "checkpoint.pth.tar")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def assert_same_state(a, b):
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+def test_resumed_run_continues_from_the_saved_epoch(folder, tmp_path):
+    args = [folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"]]
+    assert pretrain(*args, "--epochs", 2, "--output-dir", tmp_path / "straight") == 0
+    out = tmp_path / "resumed"
+    assert pretrain(*args, "--epochs", 1, "--output-dir", out) == 0
+    assert pretrain(*args, "--epochs", 2, "--output-dir", out) == 0  # same command, more epochs
+    log = (out / "log.txt").read_text()
+    assert "resumed from" in log and "epoch 1, step 0" in log
+    # Queue, pointer, both encoders and the optimizer state continue exactly.
+    assert_same_state(load(tmp_path / "straight" / "checkpoint.pth.tar"), load(out / "checkpoint.pth.tar"))
+    # Running the finished command again does nothing and says so.
+    assert pretrain(*args, "--epochs", 2, "--output-dir", out) == 0
+    assert "nothing to do" in (out / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def run_bad(args, capsys=None):
+    r = run_script(["main_pretrain.py", *[str(a) for a in args]])
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_missing_empty_and_imageless_folders(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "notes.txt").write_text("hello")
+    for folder, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no images found"),
+                            (tmp_path / "noimg", "no images found")]:
+        assert pretrain(folder, *TINY, "--output-dir", tmp_path / "out") == 2
+        err = capsys.readouterr().out
+        assert message in err and str(folder) in err
+
+
+def test_unknown_arch_and_method_list_the_valid_ones(folder, tmp_path):
+    code, out = run_bad([folder, "-a", "vgg16"])
+    assert code == 2 and "resnet50" in out
+    code, out = run_bad([folder, "--method", "swav"])
+    assert code == 2 and "simclr" in out
+
+
+def test_batch_that_does_not_divide(folder, tmp_path):
+    r = torchrun(2, ["main_pretrain.py", str(folder), *TINY, "-b", "7", "--output-dir", str(tmp_path / "o")])
+    assert r.returncode != 0
+    assert "--batch-size 7 is the global batch and must divide by the 2 processes" in r.stdout + r.stderr
+    # MoCo's launcher checks before spawning anything.
+    code, out = run_bad([folder, *TINY, "-b", "7", "--multiprocessing-distributed", "--nproc-per-node", "2",
+                         "--world-size", "1", "--rank", "0"])
+    assert code == 2 and "must divide by the 2 processes" in out
+
+
+def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(folder, "--method", "byol", *TINY, *METHOD_FLAGS["byol"], "--output-dir", out) == 0
+    before = (out / "checkpoint.pth.tar").read_bytes()
+    capsys.readouterr()
+    assert pretrain(folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"], "--output-dir", out) == 2
+    msg = capsys.readouterr().out
+    assert "another kind of run" in msg and "'byol'" in msg and "--output-dir" in msg
+    assert pretrain(folder, "--method", "byol", *TINY, "-a", "resnet34", "--output-dir", out) == 2
+    assert "arch 'resnet18'" in capsys.readouterr().out
+    assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
