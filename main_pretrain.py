@@ -104,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-backend", default="reference", choices=BACKENDS, help="how augmentation runs")
     p.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
     p.add_argument("--save-every-steps", default=0, type=int,
-                   help="also checkpoint every N steps inside an epoch (0: only at epoch ends)")
+                   help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
     p.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
@@ -402,8 +402,9 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
             t0 = time.time()
 
             def after_step(steps_done: int, meters: dict, epoch=epoch) -> None:
-                if args.save_every_steps and steps_done % args.save_every_steps == 0 and steps_done < steps_per_epoch:
-                    save(epoch, steps_done, meters)
+                global_step = epoch * steps_per_epoch + steps_done
+                if args.save_every_steps and global_step % args.save_every_steps == 0 and steps_done < steps_per_epoch:
+                    save(epoch, steps_done, meters)  # epoch ends are saved below anyway
 
             stats = train_one_epoch(ddp_model, pipeline.loader, pipeline.to_device, optimizer, scaler, epoch,
                                     start_step, ctx, after_step,

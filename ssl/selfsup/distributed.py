@@ -93,17 +93,18 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
     dev = pick_device(device, local_rank)
     if world_size > 1 and not is_dist_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         kwargs = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL to this GPU, avoids a guess inside barrier()
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            **kwargs,
-        )
+        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        # torchrun shares its rendezvous store with the workers, so after a --max-restarts restart
+        # the new group could read the dead group's addresses (pytorch/pytorch#135712) and fail to
+        # connect. Each attempt gets its own key space.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"selfsup/attempt{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

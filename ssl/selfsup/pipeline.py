@@ -8,6 +8,7 @@ torchvision, as facebookresearch/moco) and `to_device` only copies.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,19 @@ class Pipeline:
     to_device: Callable[[list[torch.Tensor], int, int], list[torch.Tensor]]
     num_images: int
     description: str
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1 to the main process.
+
+    Pre-emption signals often reach the whole process group (SLURM, torchrun's shutdown). A
+    worker killed by one makes the main process fail at once; ignoring them lets the main process
+    finish its step and write a checkpoint. Workers still exit when the loader shuts down or the
+    main process dies.
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _reference_to_device(device: torch.device, channels_last: bool):
@@ -69,6 +83,7 @@ def build_pretrain_pipeline(
         pin_memory=dist.device.type == "cuda",
         persistent_workers=workers > 0,
         drop_last=True,
+        worker_init_fn=ignore_stop_signals,
         # Augmentation is seeded per sample by the sampler; this generator only keeps the loader
         # from drawing its worker seeds out of the global stream (which would shift on resume).
         generator=torch.Generator().manual_seed(seed),

@@ -1,0 +1,209 @@
+"""Runs that survive: kill and resume bitwise, torchrun restarts, two nodes, SIGTERM, bad data,
+NaN, bad checkpoints, full disks."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_pretrain
+from helpers import REPO, free_port, make_image_folder, run_script, script_env, torchrun
+from selfsup.checkpoint import CheckpointError, load_checkpoint, save_atomic
+
+# 24 images, global batch 8: 3 steps per epoch, 2 epochs = 6 steps.
+RUN = ["--method", "moco", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2", "--moco-k", "16",
+       "--moco-dim", "16", "--mlp", "--aug", "moco_v2", "-p", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "imgs", classes=2, per_class=12, size=20)
+
+
+@pytest.fixture(scope="module")
+def reference_1proc(folder, tmp_path_factory):
+    """An uninterrupted one-process run (in this process, no loader workers)."""
+    out = tmp_path_factory.mktemp("ref1")
+    assert main_pretrain.cli([str(folder), *RUN, "-j", "0", "--output-dir", str(out)]) == 0
+    return load(out / "checkpoint.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def reference_2proc(folder, tmp_path_factory):
+    """An uninterrupted run of two processes on one node."""
+    out = tmp_path_factory.mktemp("ref2")
+    r = torchrun(2, ["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load(out / "checkpoint.pth.tar")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_bitwise_equal(a, b):
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k} differs"
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+def inject(fault: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    return run_script(["tests/fault_inject.py", *args], FAULT=fault, **env)
+
+
+# ---------------------------------------------------------------------------------------------- exact resume
+
+
+def test_kill_and_resume_is_bitwise_identical_one_process(folder, tmp_path, reference_1proc):
+    out = tmp_path / "run"
+    # Two loader workers here, none in the reference: augmentation must not depend on them.
+    args = [str(folder), *RUN, "-j", "2", "--save-every-steps", "2", "--output-dir", str(out)]
+    killed = inject("kill:5", args)
+    assert killed.returncode == 137
+    ckpt = load(out / "checkpoint.pth.tar")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (1, 1, 4)  # 1 step lost (at most N=2)
+    resumed = run_script(["main_pretrain.py", *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 1, step 1 (global step 4)" in resumed.stdout
+    assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_torchrun_restart_after_a_killed_worker_resumes_bitwise(folder, tmp_path, reference_2proc):
+    out = tmp_path / "run"
+    args = ["tests/fault_inject.py", str(folder), *RUN, "-j", "1", "--save-every-steps", "1", "--output-dir", str(out)]
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", *args],
+                   FAULT="kill:4", FAULT_RANK="1", FAULT_MARKER=str(tmp_path / "fired"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "fired").exists()  # rank 1 really died mid-epoch, after global step 4
+    # The restarted group resumed from the step-4 checkpoint, or from step 3 if rank 0 was stopped
+    # while writing it: at most one step (N=1) lost.
+    assert re.search(r"resumed from .*\(global step [34]\)", r.stdout), r.stdout[-3000:]
+    assert_bitwise_equal(reference_2proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_two_nodes_equal_one_node_with_two_processes(folder, tmp_path, reference_2proc):
+    out = tmp_path / "run"
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ft-test", "main_pretrain.py", str(folder), *RUN, "-j", "0",
+           "--output-dir", str(out)]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(l[-2000:] for l in logs)
+    assert_bitwise_equal(reference_2proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_sigterm_writes_a_resumable_checkpoint(folder, tmp_path, reference_1proc):
+    out = tmp_path / "run"
+    args = [str(folder), *RUN, "-j", "0", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *args], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Epoch: [0][0/3]" in line:  # training has started (the handler is installed by then)
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)
+    assert any("stop signal" in l for l in lines), "".join(lines)
+    ckpt = load(out / "checkpoint.pth.tar")
+    assert 1 <= ckpt["global_step"] < 6
+    resumed = run_script(["main_pretrain.py", *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+def test_corrupt_images_are_skipped_under_two_processes(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=8, size=20)
+    png = (data / "class0" / "c0_000.png").read_bytes()
+    (data / "class0" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (data / "class1" / "garbage.jpg").write_bytes(b"this is not a jpeg" * 10)
+    (data / "class1" / "empty.png").write_bytes(b"")
+    r = torchrun(2, ["main_pretrain.py", str(data), *RUN, "--epochs", "1", "-j", "1", "--verify-images",
+                     "--output-dir", str(tmp_path / "run")])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "3 unreadable file(s)" in out
+    for name in ("truncated.png", "garbage.jpg", "empty.png"):
+        assert name in out
+    assert "skipped" in out and "unreadable image" in out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    r = inject("nan:3", [str(folder), *RUN, "-j", "0", "--save-every-steps", "1", "--output-dir", str(out)])
+    assert r.returncode == 1
+    assert "loss is nan at epoch 0, step 2 (global step 2)" in r.stdout
+    assert "Last good checkpoint" in r.stdout
+    ckpt = load(out / "checkpoint.pth.tar")
+    assert ckpt["global_step"] == 2  # written after the last good step, never with NaN weights
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("EXPLOIT_MARKER", "/tmp/selfsup-exploit"),))
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="NOT loaded and none of its code ran"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The training script refuses it with the same message and exit status 2.
+    r = run_script(["main_pretrain.py", "--resume", str(path), "--output-dir", str(tmp_path / "o")],
+                   EXPLOIT_MARKER=str(marker))
+    assert r.returncode == 2 and "none of its code ran" in r.stdout and not marker.exists()
+
+
+def test_truncated_checkpoint_gives_a_clear_error(folder, tmp_path):
+    out = tmp_path / "run"
+    assert main_pretrain.cli([str(folder), *RUN, "--epochs", "1", "-j", "0", "--output-dir", str(out)]) == 0
+    data = (out / "checkpoint.pth.tar").read_bytes()
+    (out / "checkpoint.pth.tar").write_bytes(data[: len(data) // 3])
+    r = run_script(["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
+    assert r.returncode == 2 and "truncated, corrupt" in r.stdout
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # half the bytes are out when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(CheckpointError, match="the disk is full; the previous checkpoint there is intact"):
+        save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]  # no temporary file left
+
+
+def test_unwritable_output_folder_is_reported_before_training(folder, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main_pretrain.cli([str(folder), *RUN, "-j", "0", "--output-dir", str(blocker / "run")])
+    assert code == 2
+    assert "cannot write to the output folder" in capsys.readouterr().out
