@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Self-supervised pretraining: MoCo v1/v2, BYOL or SimCLR, one DDP process per GPU.
+r"""Self-supervised pretraining: MoCo v1/v2, BYOL or SimCLR, one DDP process per GPU.
 
     python main_pretrain.py                                   # the embedded demo, one CPU process
     python main_pretrain.py --method byol /path/to/folder     # one process (a GPU if there is one)
