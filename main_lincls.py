@@ -41,7 +41,7 @@ from selfsup.lincls import (TRAIN_AUGS, LinearProbe, Pretrained, SanityCheckErro
                             build_linear_optimizer, build_probe, cached_train_batches, changed_backbone_keys,
                             check_global_batch, default_output_dir, eval_transform, features_fingerprint,
                             image_batches, linear_eval_datasets, load_or_extract_features, load_pretrained,
-                            sanity_check, shard_batches, train_linear_epoch, train_transform, validate)
+                            row_batches, sanity_check, train_linear_epoch, train_transform, validate)
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.optim import cosine_lr, step_lr
 from selfsup.sampler import ResumableDistributedSampler
@@ -331,8 +331,12 @@ def train(args, dist_info: DistInfo, setup: Setup, val_loader: DataLoader, metri
                                   persistent_workers=args.workers > 0,
                                   generator=torch.Generator().manual_seed(args.seed))
 
+    # Cached features: the global batches of the image path (same permutation, see
+    # ResumableDistributedSampler), all on this process; the head is tiny, so rather than
+    # splitting them and averaging gradients, every process computes them all, identically.
+    replica_sampler = ResumableDistributedSampler(len(setup.train_ds), args.batch_size, 1, 0, seed=args.seed)
     fc = probe.fc
-    if dist_info.distributed:  # only the classifier has gradients to average
+    if dist_info.distributed and not args.cached:  # only the classifier has gradients to average
         fc = torch.nn.parallel.DistributedDataParallel(
             probe.fc, device_ids=[device.index] if device.type == "cuda" else None)
     lr_at = lr_schedule(args)
@@ -345,10 +349,11 @@ def train(args, dist_info: DistInfo, setup: Setup, val_loader: DataLoader, metri
             t0 = time.perf_counter()
             setup.sampler.set_epoch(epoch)
             probe.train()  # the backbone stays in eval mode (LinearProbe.train)
-            if args.cached:
-                batches = cached_train_batches(train_feats, train_labels, setup.sampler)
-                stats = train_linear_epoch(fc, batches, setup.optimizer, lr_at, epoch, steps, device)
-                val = validate(probe.fc, shard_batches(val_feats, val_labels, setup.local_batch), device)
+            if args.cached:  # every process trains the same classifier on whole global batches
+                replica_sampler.set_epoch(epoch)
+                batches = cached_train_batches(train_feats, train_labels, replica_sampler)
+                stats = train_linear_epoch(probe.fc, batches, setup.optimizer, lr_at, epoch, steps, device, reduce=False)
+                val = validate(probe.fc, row_batches(val_feats, val_labels, args.batch_size), device, reduce=False)
             else:
                 batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
                 stats = train_linear_epoch(fc, batches, setup.optimizer, lr_at, epoch, steps, device, args.print_freq)

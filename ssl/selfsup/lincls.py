@@ -7,7 +7,9 @@ training step, which sees only (features, labels):
 
 - images: each step runs the frozen backbone on freshly augmented images (the papers' protocol);
 - cached: without training augmentation the features never change, so they are computed once
-  (distributed, each sample once) and the classifier trains on them - minutes instead of hours.
+  (distributed, each sample once, gathered on every process) and the classifier trains on them -
+  minutes instead of hours. Every process then trains the same classifier on the whole global
+  batches, with no communication: the result does not depend on the number of processes.
 
 Validation is exact under DDP: each process evaluates a disjoint block of the validation set and
 the correct counts are summed, so top-1/top-5 equal the single-process figures.
@@ -34,7 +36,7 @@ from .checkpoint import CheckpointError, extract_backbone, infer_arch_info, load
 from .data import ImageDataset, find_samples
 from .distributed import DistInfo, all_reduce_sum, concat_all_gather, get_rank, get_world_size
 from .engine import NonFiniteLossError
-from .knn import extract_features, shard_range
+from .knn import extract_features
 from .loader import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 from .meters import AverageMeter, ProgressMeter, accuracy
 from .optim import LARS, set_lr
@@ -340,14 +342,13 @@ def cached_train_batches(
         yield features[rows], labels[rows]
 
 
-def shard_batches(
-    features: torch.Tensor, labels: torch.Tensor, batch_size: int
+def row_batches(
+    features: torch.Tensor, labels: torch.Tensor, batch_size: int, start: int = 0, end: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's `shard_range` block of cached rows, in batches (exact validation)."""
-    start, end = shard_range(features.shape[0], get_world_size(), get_rank())
+    """Rows [start, end) of cached features and labels, in batches of `batch_size`."""
+    end = features.shape[0] if end is None else end
     for s in range(start, end, batch_size):
-        e = min(s + batch_size, end)
-        yield features[s:e], labels[s:e]
+        yield features[s : min(s + batch_size, end)], labels[s : min(s + batch_size, end)]
 
 
 def image_batches(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -388,15 +389,18 @@ def train_linear_epoch(
     steps_per_epoch: int,
     device: torch.device,
     print_freq: int = 0,
+    reduce: bool = True,
 ) -> dict:
-    """One epoch of the linear classifier `fc` (DDP-wrapped when distributed) on
-    (features N x D, labels N) batches.
+    """One epoch of the linear classifier `fc` on (features N x D, labels N) batches.
 
-    Every process gets the same number of equal-sized batches (ResumableDistributedSampler), so
-    the mean of the per-process mean losses that DDP's gradient averaging optimises is the mean
-    over the global batch. `lr_at(fractional epoch)` sets the learning rate every step. Returns
-    the epoch's loss and top-1 over all processes.
+    With `reduce` (the image path) `fc` is DDP-wrapped and each process feeds its share of every
+    global batch: all get the same number of equal-sized batches (ResumableDistributedSampler),
+    so the mean of the per-process mean losses that DDP's gradient averaging optimises is the
+    mean over the global batch. Without `reduce` (cached features) every process trains on the
+    whole global batches itself and nothing is communicated. `lr_at(fractional epoch)` sets the
+    learning rate every step. Returns the epoch's loss and top-1 over the global batches.
     """
+    total_over = _sum_over_processes if reduce else (lambda values, device: [float(v) for v in values])
     fc.train()
     batch_time = AverageMeter("Time", ":6.3f")
     losses, top1 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f")
@@ -411,7 +415,7 @@ def train_linear_epoch(
         set_lr(optimizer, lr)
         logits = fc(feats)  # B x C
         loss = F.cross_entropy(logits, target)
-        non_finite = _sum_over_processes([float(not torch.isfinite(loss))], device)[0]
+        non_finite = total_over([float(not torch.isfinite(loss))], device)[0]
         if non_finite:
             raise NonFiniteLossError(
                 f"the linear classifier's loss is {loss.item()} at epoch {epoch}, step {i} on {int(non_finite)} "
@@ -434,7 +438,7 @@ def train_linear_epoch(
         if print_freq and get_rank() == 0 and (i % print_freq == 0 or i + 1 == steps_per_epoch):
             logger.info(progress.line(i))
         end = time.perf_counter()
-    total_loss, total_correct, total = _sum_over_processes([loss_sum, correct, seen], device)
+    total_loss, total_correct, total = total_over([loss_sum, correct, seen], device)
     return {"train_loss": total_loss / max(total, 1), "train_acc1": 100.0 * total_correct / max(total, 1),
             "lr": lr, "train_n": int(total)}
 
@@ -444,12 +448,14 @@ def validate(
     forward: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    reduce: bool = True,
 ) -> dict:
     """Loss and top-1/top-5 over the whole validation set.
 
-    Each process feeds its own disjoint block of the set (`make_eval_loader` / `shard_batches`);
-    summed losses and correct counts are added over processes, so the result is exactly that of
-    one process for any set size and any number of processes.
+    With `reduce` each process feeds its own disjoint block of the set (`make_eval_loader`) and
+    the summed losses and correct counts are added over processes, so the result is exactly that
+    of one process for any set size and any number of processes. Without it, `batches` must
+    cover the whole set (cached features held by every process).
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     c1_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -462,7 +468,8 @@ def validate(
         c1_sum += c1
         c5_sum += c5
         seen += target.shape[0]
-    loss_total, c1_total, c5_total, n = _sum_over_processes([loss_sum, c1_sum, c5_sum, seen], device)
+    values = [loss_sum, c1_sum, c5_sum, seen]
+    loss_total, c1_total, c5_total, n = _sum_over_processes(values, device) if reduce else [float(v) for v in values]
     if n == 0:
         raise ValueError("validation set is empty")
     return {"val_loss": loss_total / n, "val_acc1": 100.0 * c1_total / n, "val_acc5": 100.0 * c5_total / n,
