@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Linear classification on frozen features (the linear evaluation protocol), MoCo's command line.
+r"""Linear classification on frozen features (the linear evaluation protocol), MoCo's command line.
 
     python main_lincls.py --pretrained runs/moco-resnet18-demo/checkpoint.pth.tar    # the demo, one CPU process
     python main_lincls.py --pretrained PRETRAINED.pth.tar /imagenet                  # one process
@@ -128,7 +128,7 @@ class Setup:
     val_ds: object
     classes: list[str]
     optimizer: torch.optim.Optimizer
-    sampler: ResumableDistributedSampler
+    sampler: ResumableDistributedSampler | None  # None with --evaluate
     local_batch: int
     arch: str
     small_stem: bool
@@ -202,8 +202,8 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
 
     train_ds, val_ds, classes = linear_eval_datasets(args.data, train_transform(image_size, args.train_aug),
                                                      eval_transform(image_size))
-    sampler = ResumableDistributedSampler(len(train_ds), local_batch, dist_info.world_size, dist_info.rank,
-                                          seed=args.seed)
+    sampler = None if args.evaluate else ResumableDistributedSampler(
+        len(train_ds), local_batch, dist_info.world_size, dist_info.rank, seed=args.seed)  # checks the batch fits
     torch.manual_seed(args.seed)
     probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None)
     probe.to(dist_info.device)
@@ -214,9 +214,9 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
 
     if path is not None:
         ckpt = restore_classifier(path, setup)
+        setup.start_epoch = int(ckpt.get("epoch", 0))
         if not args.evaluate:
             optimizer.load_state_dict(ckpt["optimizer"])
-            setup.start_epoch = int(ckpt.get("epoch", 0))
         setup.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         setup.resumed_from = path
     return setup
@@ -276,10 +276,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
             json.dump(vars(args), f, indent=1, default=str)
     logger.info("%s%s %s (%s) at %dpx, %d classes, %d train / %d val images from %s",
                 "Demo: " if args.demo else "", setup.arch, "small stem" if setup.small_stem else "standard stem",
-                f"pretrained {args.pretrained}" if setup.pretrained else "RANDOM INIT: a baseline, not an evaluation",
+                f"pretrained {args.pretrained}" if setup.pretrained else (
+                    f"backbone of {setup.resumed_from}" if args.evaluate else "RANDOM INIT: a baseline, not an evaluation"),
                 setup.image_size, len(setup.classes), len(setup.train_ds), len(setup.val_ds), args.data)
     if setup.resumed_from:
-        logger.info("classifier restored from %s (next epoch %d, best acc@1 %.2f)", setup.resumed_from,
+        logger.info("classifier restored from %s (%d epochs trained, best acc@1 %.2f)", setup.resumed_from,
                     setup.start_epoch, setup.best_acc1)
     metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
     pin = device.type == "cuda"

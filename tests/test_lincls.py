@@ -301,6 +301,9 @@ def test_cached_features_equal_the_image_path_and_resume(data, moco_ckpt, tmp_pa
     assert evaluated["evaluate"].endswith("model_best.pth.tar")
     assert evaluated["val_correct1"] == best["val"]["val_correct1"]
     assert evaluated["val_acc1"] == pytest.approx(best["best_acc1"])
+    # ... and so does -e with only the classifier checkpoint (arch and backbone come from it).
+    assert lincls(data, "-e", "--resume", cached / "model_best.pth.tar", "--output-dir", tmp_path / "eval") == 0
+    assert read_metrics(tmp_path / "eval")[-1]["val_correct1"] == best["val"]["val_correct1"]
 
     # The pretrained checkpoint changed since: resuming or evaluating that classifier is refused.
     other, _ = pretrain_checkpoint(tmp_path / "other.pth.tar", "byol")
