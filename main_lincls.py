@@ -297,7 +297,9 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         metrics.close()
 
 
-def train(args, dist_info: DistInfo, setup: Setup, val_loader: DataLoader, metrics: MetricsWriter) -> int:
+def train(args: argparse.Namespace, dist_info: DistInfo, setup: Setup, val_loader: DataLoader,
+          metrics: MetricsWriter) -> int:
+    """Extract features when cached, then the epochs: train, validate, checkpoint, sanity check."""
     output_dir, device, probe = setup.output_dir, dist_info.device, setup.probe
     logger.info("%s: global batch %d on %d process(es) (%s), %s lr %.4g (%s), wd %g, %d epochs -> %s",
                 "cached features" if args.cached else f"images, train aug {args.train_aug}", args.batch_size,
