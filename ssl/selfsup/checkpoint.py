@@ -10,7 +10,6 @@ import errno
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -88,11 +87,26 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _head(path: Path, n: int = 8) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (PK...) or, in the legacy format, a pickle (protocol 2+: 0x80)."""
+    return _head(path).startswith((b"PK", b"\x80"))
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with `weights_only=True` and explain every way it can fail."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (or is not a file)")
+    if path.stat().st_size and not _looks_like_torch_file(path):  # an image, a text file, ...
+        raise CheckpointError(
+            f"'{path}' is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with "
+            f"{_head(path)!r}). Pass the .pth/.pth.tar file that torch.save wrote."
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -102,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "the file comes from a source you trust, load it yourself and re-save its tensors. "
             f"(torch said: {str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # whatever else torch.load raises on a damaged file
         raise CheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint: it is truncated, corrupt or another kind "
             f"of file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
