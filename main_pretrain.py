@@ -22,12 +22,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
-from selfsup import recipes
+from selfsup import launch, recipes
 from selfsup.builder import ARCHS, METHODS, build_model
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT, resolve_split_dir, verify_images, find_samples
@@ -108,15 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
-    # MoCo's launcher: one process per local GPU without torchrun.
-    p.add_argument("--multiprocessing-distributed", action="store_true",
-                   help="spawn one process per GPU on this node (MoCo's launcher); torchrun does not need it")
-    p.add_argument("--world-size", default=-1, type=int, help="number of NODES for --multiprocessing-distributed")
-    p.add_argument("--rank", default=-1, type=int, help="node rank for --multiprocessing-distributed")
-    p.add_argument("--dist-url", default="tcp://localhost:10001", type=str, help="url of the rendezvous (tcp://HOST:PORT)")
-    p.add_argument("--dist-backend", default=None, type=str, help="accepted for MoCo compatibility; nccl/gloo follow the device")
-    p.add_argument("--nproc-per-node", default=None, type=int,
-                   help="processes per node for --multiprocessing-distributed (default: the GPU count)")
+    launch.add_moco_launcher_args(p)  # --multiprocessing-distributed & co., MoCo's way to start
     return p
 
 
@@ -445,19 +436,6 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
 # ---------------------------------------------------------------------------------------------- launch
 
 
-def _spawned_worker(local_rank: int, args: argparse.Namespace, nproc: int) -> None:
-    """One process of MoCo's --multiprocessing-distributed launch; maps it onto torchrun's variables."""
-    node_rank = max(args.rank, 0)
-    url = urlparse(args.dist_url)
-    os.environ.update(
-        RANK=str(node_rank * nproc + local_rank), LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(max(args.world_size, 1) * nproc),
-        MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 10001))
-    status = main(args)
-    if status:
-        sys.exit(status)
-
-
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("main_pretrain.py", parents=[get_args_parser()],
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -468,19 +446,12 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.multiprocessing_distributed:
-        if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
-            print("error: --multiprocessing-distributed spawns its own processes; do not combine it with torchrun",
-                  file=sys.stderr)
-            return 2
-        nproc = args.nproc_per_node or torch.cuda.device_count() or 1
-        world = max(args.world_size, 1) * nproc
         try:
-            check_batch(args.batch_size, world)
+            check_batch(args.batch_size, launch.spawned_world_size(args))  # before any process starts
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        torch.multiprocessing.spawn(_spawned_worker, args=(args, nproc), nprocs=nproc)
-        return 0
+        return launch.spawn(main, args)
     return main(args)
 
 

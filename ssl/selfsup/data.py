@@ -88,7 +88,9 @@ class ImageDataset(torch.utils.data.Dataset):
     A truncated, corrupt or non-image file is skipped with a warning and replaced by the next
     readable sample, so batch shapes (and processes under DDP) stay in step. Each item is
     `(transform(image), label, skipped)` where `skipped` counts the unreadable files this item
-    replaced; the training loop sums it into a per-epoch count.
+    replaced; the training loop sums it into a per-epoch count. Evaluation sets pass
+    `replace_unreadable=False`: there a replacement would count one image twice, so an
+    unreadable file is an error naming it.
     """
 
     def __init__(
@@ -97,11 +99,13 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable | None = None,
         classes: Sequence[str] = (),
         loader: Callable[[str], Image.Image] = load_image,
+        replace_unreadable: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.classes = list(classes)
         self.loader = loader
+        self.replace_unreadable = replace_unreadable
         self._warned: set[str] = set()
 
     @classmethod
@@ -126,6 +130,11 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 img = self.loader(path)
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+                if not self.replace_unreadable:
+                    raise RuntimeError(
+                        f"cannot read image '{path}' ({type(e).__name__}: {e}); an evaluation counts every image "
+                        "exactly once, so remove or repair the file"
+                    ) from e
                 if path not in self._warned:
                     self._warned.add(path)
                     logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)

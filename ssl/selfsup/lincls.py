@@ -278,8 +278,9 @@ def linear_eval_datasets(
             f"only in train/: {only_train or 'none'}; only in val/: {only_val or 'none'}. Labels are positions "
             "in the sorted class list, so both splits need the same class folders, each with at least one image."
         )
-    return (ImageDataset(train_samples, train_tf, train_classes), ImageDataset(val_samples, val_tf, val_classes),
-            list(train_classes))
+    train = ImageDataset(train_samples, train_tf, train_classes)
+    val = ImageDataset(val_samples, val_tf, val_classes, replace_unreadable=False)
+    return train, val, list(train_classes)
 
 
 # ----------------------------------------------------------------------------------------------
