@@ -1,0 +1,94 @@
+"""Datasets and the resumable sampler."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_image_folder
+from selfsup.data import ImageDataset, find_samples, load_fashion_mnist, read_idx, resolve_split_dir
+from selfsup.sampler import ResumableDistributedSampler, mix_seed, seeded
+
+
+def test_find_samples_class_folders_flat_folder_and_moco_layout(tmp_path):
+    make_image_folder(tmp_path / "labelled" / "train", classes=3, per_class=2)
+    samples, classes = find_samples(resolve_split_dir(tmp_path / "labelled", "train"))
+    assert classes == ["class0", "class1", "class2"] and [s[1] for s in samples] == [0, 0, 1, 1, 2, 2]
+    make_image_folder(tmp_path / "flat", classes=1, per_class=3, flat=True)
+    samples, classes = find_samples(resolve_split_dir(tmp_path / "flat", "train"))
+    assert classes == [] and len(samples) == 3 and all(s[1] == -1 for s in samples)
+
+
+def test_unreadable_images_are_replaced_in_training_and_refused_in_evaluation(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=1, per_class=3)
+    bad = root / "class0" / "c0_001.png"
+    bad.write_bytes(b"not a png")
+    samples, classes = find_samples(root)
+    train = ImageDataset(samples, classes=classes)
+    img, label, skipped = train[1]
+    assert skipped == 1 and img.size == (24, 24)  # the next readable image took its place
+    assert train[0][2] == 0
+    evaluation = ImageDataset(samples, classes=classes, replace_unreadable=False)
+    with pytest.raises(RuntimeError, match="c0_001.png"):
+        evaluation[1]
+
+
+def test_sampler_deals_the_same_global_batches_for_any_world_size():
+    n, global_batch = 50, 8
+    one = ResumableDistributedSampler(n, global_batch, num_replicas=1, rank=0, seed=3)
+    two = [ResumableDistributedSampler(n, global_batch // 2, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(4)
+    a = list(one)
+    b0, b1 = list(two[0]), list(two[1])
+    assert len(a) == 48 == len(b0) + len(b1)  # 6 whole global batches, the rest dropped
+    for step in range(6):
+        batch_one = set(a[step * 8:(step + 1) * 8])
+        batch_two = set(b0[step * 4:(step + 1) * 4]) | set(b1[step * 4:(step + 1) * 4])
+        assert batch_one == batch_two  # same images and the same per-sample seeds
+    assert len({i for i, _ in a}) == 48  # no image twice in an epoch
+
+
+def test_sampler_resumes_mid_epoch_and_changes_with_the_epoch():
+    s = ResumableDistributedSampler(40, 4, num_replicas=2, rank=1, seed=0)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start_step=3)
+    assert list(s) == full[3 * 4:]
+    s.set_epoch(3)
+    assert list(s) != full
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableDistributedSampler(5, 4, num_replicas=2, rank=0)
+
+
+def test_seeded_block_is_reproducible_and_leaves_the_caller_stream_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with seeded(mix_seed(1, 2, 3)):
+        x = torch.rand(3)
+    with seeded(mix_seed(1, 2, 3)):
+        y = torch.rand(3)
+    assert torch.equal(x, y) and torch.equal(torch.get_rng_state(), before)
+    assert mix_seed(1, 2, 3) != mix_seed(1, 2, 4) != mix_seed(2, 1, 3)
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_both_layouts(tmp_path):
+    images = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    for folder in (tmp_path / "debian", tmp_path / "tv" / "FashionMNIST" / "raw"):
+        folder.mkdir(parents=True)
+        _write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+        _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 7]))
+    for root in (tmp_path / "debian", tmp_path / "tv"):
+        x, y = load_fashion_mnist(root, "test")
+        assert x.shape == (2, 28, 28) and np.array_equal(x, images) and y.tolist() == [3, 7]
+    assert read_idx(tmp_path / "debian" / "t10k-labels-idx1-ubyte.gz").tolist() == [3, 7]
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path / "nowhere", "train")
