@@ -34,6 +34,7 @@ from selfsup.distributed import DistInfo, cleanup_distributed, init_distributed
 from selfsup.engine import AMP_DTYPES, NonFiniteLossError, StepContext, StopRequest, train_one_epoch, unwrap
 from selfsup.loader import PRESETS as AUG_PRESETS
 from selfsup.meters import MetricsWriter, setup_logging
+from selfsup.monitor import check_collapse, folder_monitor
 from selfsup.optim import build_optimizer
 from selfsup.pipeline import BACKENDS, build_pretrain_pipeline
 from selfsup.sampler import capture_rng_state, restore_rng_state
@@ -105,6 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every-steps", default=0, type=int,
                    help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
     p.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
+    p.add_argument("--knn-every", default=None, type=int,
+                   help="online kNN accuracy every N epochs on --knn-data (0: off; default: 0, demo: 1)")
+    p.add_argument("--knn-data", default=None,
+                   help="labelled root with train/ and val/ class folders for --knn-every (default: the data root)")
+    p.add_argument("--knn-k", default=200, type=int, help="neighbours of the online kNN (default: 200)")
+    p.add_argument("--knn-t", default=0.07, type=float, help="temperature of the online kNN (default: 0.07)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
     launch.add_moco_launcher_args(p)  # --multiprocessing-distributed & co., MoCo's way to start
@@ -112,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # Flags whose value falls back to a recipe when not given (argparse default None).
-_CONFIG_KEYS = ("arch", "workers", "epochs", "batch_size", "lr", "schedule", "momentum", "wd", "moco_dim",
+_CONFIG_KEYS = ("arch", "workers", "knn_every", "epochs", "batch_size", "lr", "schedule", "momentum", "wd", "moco_dim",
                 "moco_k", "moco_m", "moco_t", "mlp", "cos", "mlp_dim", "moco_m_cos", "aug", "bn_splits",
                 "optimizer", "warmup_epochs", "image_size", "small_stem")
 
@@ -129,6 +136,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(str(e)) from e
     cfg.setdefault("workers", 8)
     cfg.setdefault("bn_splits", 1)
+    cfg.setdefault("knn_every", 0)
     out = argparse.Namespace(**{**vars(args), **cfg})
     out.demo = demo
     if demo:
@@ -256,7 +264,11 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, args.lr, args.momentum, args.wd)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
-    return model, optimizer, scaler, pipeline, output_dir
+    monitor = None
+    if args.knn_every > 0:
+        monitor = folder_monitor(args.knn_data or args.data, args.image_size, local_batch, dist_info.device,
+                                 min(args.workers, 4), args.knn_k, args.knn_t)
+    return model, optimizer, scaler, pipeline, monitor, output_dir
 
 
 def read_resume_checkpoint(path: Path, required: bool, dist_info: DistInfo) -> dict | None:
@@ -332,7 +344,7 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
     error = None
     try:
-        model, optimizer, scaler, pipeline, output_dir = prepare(args, dist_info)
+        model, optimizer, scaler, pipeline, monitor, output_dir = prepare(args, dist_info)
     except _INPUT_ERRORS as e:
         error = e
     if not _all_ok(error is None, dist_info):
@@ -409,10 +421,17 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
             save(epoch + 1, 0, None, also_as=f"checkpoint_{epoch:04d}.pth.tar" if periodic else None)
             record = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped_at"},
                       "epoch_time_s": time.time() - t0}
+            if monitor is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                t1 = time.time()
+                record.update(monitor(unwrap(model).encoder_q), knn_time_s=time.time() - t1)
+            record["collapse_warning"] = check_collapse(stats["embed_std"], args.moco_dim, epoch)
             metrics.write(record, step=epoch, prefix="pretrain/")
-            logger.info("Epoch %d done: loss %.4f  lr %.4g  %s%.1f img/s  %.0fs%s", epoch, stats["loss"], stats["lr"],
+            logger.info("Epoch %d done: loss %.4f  lr %.4g  %s%sstd %.4f (1/sqrt(d) %.4f)  %.1f img/s  %.0fs%s",
+                        epoch, stats["loss"], stats["lr"],
                         f"m {stats['momentum']:.4f}  " if stats["momentum"] is not None else "",
-                        stats["images_per_s"] or 0, record["epoch_time_s"],
+                        f"kNN top-1 {record['knn_top1']:.2f}  " if "knn_top1" in record else "",
+                        stats["embed_std"] or 0, args.moco_dim ** -0.5, stats["images_per_s"] or 0,
+                        record["epoch_time_s"],
                         f"  skipped {stats['skipped_images']} unreadable image(s)" if stats["skipped_images"] else "")
             if stats["stopped_at"] is not None:
                 logger.info("stop signal %s at the end of epoch %d: checkpoint written; rerun to resume",

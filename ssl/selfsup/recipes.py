@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # stem on a CPU; the demo is about seeing the whole pipeline run, not the best accuracy.
 DEMO: dict[str, Any] = {
     "arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 3, "batch_size": 128,
-    "lr": 0.06, "cos": True, "wd": 5e-4, "workers": 1,
+    "lr": 0.06, "cos": True, "wd": 5e-4, "workers": 1, "knn_every": 1,
 }
 DEMO_METHOD: dict[str, dict[str, Any]] = {
     "moco": {"moco_k": 4096, "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2"},

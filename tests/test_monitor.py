@@ -1,0 +1,71 @@
+"""Online monitoring: the collapse signal, the online kNN, and the plotting tool."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+import main_knn
+import main_pretrain
+from helpers import make_image_folder
+from selfsup.engine import embedding_std
+from selfsup.monitor import check_collapse, collapse_ratio
+
+
+
+def test_collapse_signal_on_constant_and_spread_embeddings(caplog):
+    constant = torch.ones(64, 32) * torch.randn(1, 32)  # every sample the same embedding
+    assert embedding_std(constant) == pytest.approx(0.0, abs=1e-7)
+    with caplog.at_level(logging.WARNING):
+        assert check_collapse(embedding_std(constant), 32, epoch=3)
+    assert "collapsing" in caplog.text and "epoch 3" in caplog.text
+    torch.manual_seed(0)
+    spread = torch.randn(4000, 32)  # isotropic: per-dim std of the normalised vectors ~ 1/sqrt(32)
+    assert collapse_ratio(embedding_std(spread), 32) == pytest.approx(1.0, abs=0.05)
+    assert not check_collapse(embedding_std(spread), 32, epoch=0)
+
+
+def test_online_knn_equals_main_knn_on_the_final_checkpoint(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", classes=2, per_class=10, size=20, seed=1)
+    make_image_folder(root / "val", classes=2, per_class=5, size=20, seed=2)
+    out = tmp_path / "run"
+    code = main_pretrain.cli([str(root), "--method", "simclr", "-a", "resnet18", "--image-size", "16", "-b", "8",
+                              "--epochs", "2", "-j", "0", "--mlp-dim", "32", "--moco-dim", "16", "--knn-every", "1",
+                              "--knn-k", "5", "-p", "100", "--output-dir", str(out)])
+    assert code == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(0 <= r["knn_top1"] <= 100 and math.isfinite(r["embed_std"]) for r in records)
+    # The same kNN, computed independently by main_knn.py from the checkpoint file.
+    assert main_knn.cli([str(root), "--pretrained", str(out / "checkpoint.pth.tar"), "--k", "5", "-b", "8",
+                         "-j", "0", "--output-dir", str(tmp_path / "knn")]) == 0
+    knn = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert knn["top1"] == pytest.approx(records[-1]["knn_top1"])
+
+
+def test_plot_metrics_writes_a_png(tmp_path, repo):
+    import sys
+
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(repo / "tools"))
+    import plot_metrics
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"moco_dim": 128}))
+        lines = [json.dumps({"epoch": e, "loss": scale / (e + 1), "lr": 0.1, "embed_std": 0.05, "knn_top1": 50 + e})
+                 for e in range(4)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"epoch\": 4, \"lo")  # a torn last line
+    out = tmp_path / "cmp.png"
+    assert plot_metrics.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.shape[0] > 200 and img.shape[1] > 200
+    assert plot_metrics.main([str(tmp_path / "missing")]) == 2
