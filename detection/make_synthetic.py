@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="VOC only: OUT/VOC2007 (Detectron2's datasets/) or OUT/VOCdevkit/VOC2007")
     p.add_argument("--train", type=int, default=600, help="trainval images (default: 600)")
     p.add_argument("--test", type=int, default=200, help="test images (default: 200)")
-    p.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default: 128)")
+    p.add_argument("--image-size", type=int, default=64, help="square image side in pixels (default: 64)")
     p.add_argument("--classes", nargs="+", default=["circle", "square", "triangle"], choices=SHAPES,
                    help="shapes to draw, one class each (default: circle square triangle)")
     p.add_argument("--objects", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"),
                    help="objects per image (default: 1 3)")
-    p.add_argument("--object-size", type=float, nargs=2, default=[0.2, 0.5], metavar=("MIN", "MAX"),
-                   help="object side as a fraction of the image side (default: 0.2 0.5)")
+    p.add_argument("--object-size", type=float, nargs=2, default=[0.25, 0.6], metavar=("MIN", "MAX"),
+                   help="object side as a fraction of the image side (default: 0.25 0.6)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:

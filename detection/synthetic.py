@@ -27,11 +27,11 @@ class SyntheticConfig:
     """What the generated images look like."""
 
     classes: tuple[str, ...] = ("circle", "square", "triangle")
-    image_size: int = 128
+    image_size: int = 64
     min_objects: int = 1
     max_objects: int = 3
-    min_frac: float = 0.2  # object side as a fraction of the image side
-    max_frac: float = 0.5
+    min_frac: float = 0.25  # object side as a fraction of the image side
+    max_frac: float = 0.6
     max_overlap: float = 0.3  # IoU above which a placement is redrawn
 
     def __post_init__(self) -> None:
