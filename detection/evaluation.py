@@ -53,10 +53,12 @@ def run_inference(model: nn.Module, dataset: DetectionDataset, device: torch.dev
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate)
     local: list[tuple[int, dict]] = []
-    for images, targets in loader:
+    for i, (images, targets) in enumerate(loader):
         outputs = model([im.to(device, non_blocking=True) for im in images])
         for t, out in zip(targets, outputs):
             local.append((int(t["image_id"]), {k: v.cpu().numpy() for k, v in out.items()}))
+        if rank == 0 and (i + 1) % 500 == 0:
+            logger.info("inference: %d/%d images on rank 0", len(local), len(subset))
     model.train(was_training)
     if world_size > 1:
         gathered: list = [None] * world_size
@@ -175,7 +177,7 @@ def evaluate_voc(predictions: Mapping[int, dict], dataset: DetectionDataset,
 # ---------------------------------------------------------------------------------------------- COCO
 
 
-def evaluate_coco(predictions: Mapping[int, dict], dataset: DetectionDataset) -> dict[str, float]:
+def evaluate_coco(predictions: Mapping[int, dict], dataset: DetectionDataset) -> dict[str, float | None]:
     """COCO box AP in percent ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl') with pycocotools."""
     try:
         from pycocotools.coco import COCO
@@ -201,7 +203,8 @@ def evaluate_coco(predictions: Mapping[int, dict], dataset: DetectionDataset) ->
         coco_eval.accumulate()
         coco_eval.summarize()
     logger.info("pycocotools:\n%s", "\n".join(line for line in out.getvalue().splitlines() if "Average" in line))
-    return {k: float(v) * 100.0 if v >= 0 else float("nan") for k, v in zip(names, coco_eval.stats[:6])}
+    # pycocotools reports -1 for an area range without objects: null in metrics.jsonl, not NaN.
+    return {k: float(v) * 100.0 if v >= 0 else None for k, v in zip(names, coco_eval.stats[:6])}
 
 
 def evaluate(predictions: Mapping[int, dict], dataset: DetectionDataset) -> dict[str, float]:

@@ -79,7 +79,7 @@ def supervised_state_dict(arch: str) -> dict[str, torch.Tensor]:
     except (ValueError, AttributeError) as e:
         raise CheckpointError(f"torchvision has no IMAGENET1K_V1 weights for {arch}") from e
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except Exception as e:  # URLError, HTTPError, a hash mismatch: all mean "no usable file"
         cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
         raise CheckpointError(

@@ -78,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--supervised", action="store_true",
                       help="torchvision's supervised ImageNet weights (IMAGENET1K_V1; downloaded once)")
     init.add_argument("--random-init", action="store_true", help="train from random weights")
-    p.add_argument("-a", "--arch", choices=ARCHS, default=None, help="backbone (default: the checkpoint's, else resnet50)")
+    p.add_argument("-a", "--arch", choices=ARCHS, default=None, metavar="ARCH",
+                   help=f"backbone: {', '.join(ARCHS)} (default: the checkpoint's, else resnet50)")
     p.add_argument("--small-stem", default=None, action=argparse.BooleanOptionalAction,
                    help="3x3 stem without max-pool (default: as the checkpoint)")
     p.add_argument("--head", choices=HEADS, default=None, help="c4 (MoCo's R50-C4) or fpn")
@@ -95,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=None, help="training iterations")
     p.add_argument("--steps", type=int, nargs="*", default=None, help="iterations at which the lr drops 10x")
     p.add_argument("--warmup-iters", type=int, default=None, help="linear warmup iterations")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="wd",
                    help="weight decay (not on normalisation parameters)")
     p.add_argument("--min-size", type=int, nargs="+", default=None,
@@ -113,8 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pth.tar if present)")
     p.add_argument("--output-dir", default=None, help="default: runs/det-<recipe>-<head>")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading workers per process")
-    p.add_argument("-p", "--print-freq", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N iterations (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order and sampling (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
 

@@ -130,6 +130,7 @@ def test_coco_ap_perfect_shifted_and_empty(tmp_path):
     perfect = {i: pred(r.boxes, [0.9], r.labels) for i, r in enumerate(ds.records)}
     res = evaluate_coco(perfect, ds)
     assert res["AP"] == pytest.approx(100) and res["AP50"] == pytest.approx(100)
+    assert res["APs"] == pytest.approx(100) and res["APm"] is None  # 30 x 20 boxes are all "small" (< 32^2)
     # Boxes shifted by 10 of their 30 px width: IoU 20*20/(2*600-400) = 0.5 -> counted at 0.50 only.
     shifted = {i: pred(r.boxes + np.array([10, 0, 10, 0]), [0.9], r.labels) for i, r in enumerate(ds.records)}
     res = evaluate_coco(shifted, ds)
