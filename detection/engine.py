@@ -4,6 +4,7 @@ stream of batches, precise BatchNorm statistics and the iteration loop itself.""
 from __future__ import annotations
 
 import bisect
+import datetime
 import logging
 import math
 import time
@@ -99,7 +100,7 @@ def train_iterations(ddp_model: nn.Module, optimizer: torch.optim.Optimizer, bat
     stops every process.
     """
     device = dist_info.device
-    t0, data_time, last_logged, window = time.time(), 0.0, start_iter, None
+    t0, data_time, hook_time, last_logged, window = time.time(), 0.0, 0.0, start_iter, None
     for it in range(start_iter, schedule.max_iter):
         lr = warmup_multistep_lr(schedule.base_lr, it, schedule.steps, schedule.warmup_iters)
         for group in optimizer.param_groups:
@@ -124,16 +125,18 @@ def train_iterations(ddp_model: nn.Module, optimizer: torch.optim.Optimizer, bat
         window = step_values if window is None else window + step_values
         if done % schedule.print_freq == 0 or done == schedule.max_iter:
             values = all_reduce_mean(window / (done - last_logged))
-            per_iter = (time.time() - t0) / (done - last_logged)
+            per_iter = (time.time() - t0 - hook_time) / (done - last_logged)  # checkpoints, evaluation excluded
             record = {"type": "train", "iter": done, "lr": lr, "loss": values[0].item(),
                       **{k: v.item() for k, v in zip(losses, values[1:])},
                       "time_per_iter_s": per_iter, "data_time_s": data_time / (done - last_logged)}
             eta = per_iter * (schedule.max_iter - done)
             logger.info("iter %d/%d  loss %.4f (%s)  lr %.4g  %.3fs/iter  eta %s", done, schedule.max_iter,
                         record["loss"], " ".join(f"{k.removeprefix('loss_')} {record[k]:.3f}" for k in losses), lr,
-                        per_iter, time.strftime("%H:%M:%S", time.gmtime(eta)))
-            t0, data_time, last_logged, window = time.time(), 0.0, done, None
+                        per_iter, datetime.timedelta(seconds=round(eta)))
+            t0, data_time, hook_time, last_logged, window = time.time(), 0.0, 0.0, done, None
+        t_hook = time.time()
         after_step(done, record)
+        hook_time += time.time() - t_hook
 
 
 def gather_rng_states(dist_info: DistInfo, state) -> list:

@@ -16,7 +16,7 @@ from helpers import REPO
 
 sys.path.insert(0, str(REPO))
 
-from detection.datasets import VOC_CLASSES, build_dataset, concat, load_coco, load_voc  # noqa: E402
+from detection.datasets import VOC_CLASSES, build_dataset, concat, load_voc  # noqa: E402
 from detection.make_synthetic import main as make_synthetic  # noqa: E402
 from detection.synthetic import SyntheticConfig, render  # noqa: E402
 
