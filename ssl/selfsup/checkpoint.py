@@ -160,13 +160,20 @@ def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     project's checkpoints, facebookresearch/moco's, moco-v3's and a plain torchvision state dict.
     """
     state = model_state_dict(checkpoint)
+    prefix = backbone_prefix(state)
+    return {
+        k[len(prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(prefix) and not k[len(prefix) :].startswith(_HEAD_PREFIXES)
+    }
+
+
+def backbone_prefix(state: Mapping[str, Any]) -> str:
+    """The key prefix under which `state` (model weights) holds the trained backbone, e.g.
+    'module.encoder_q.'; lets a tool report what `extract_backbone` left out."""
     for prefix in _BACKBONE_PREFIXES:
         if f"{prefix}conv1.weight" in state:
-            return {
-                k[len(prefix) :]: v
-                for k, v in state.items()
-                if k.startswith(prefix) and not k[len(prefix) :].startswith(_HEAD_PREFIXES)
-            }
+            return prefix
     raise CheckpointError(
         "no ResNet backbone found in the checkpoint: expected keys like 'module.encoder_q.conv1.weight' "
         f"(this project, facebookresearch/moco) or 'conv1.weight'; first keys are {list(state)[:5]}"
