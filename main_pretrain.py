@@ -37,7 +37,7 @@ from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.monitor import check_collapse, folder_monitor
 from selfsup.optim import build_optimizer
 from selfsup.pipeline import BACKENDS, build_pretrain_pipeline
-from selfsup.sampler import capture_rng_state, restore_rng_state
+from selfsup.sampler import gather_rng_states, restore_rng_state
 
 logger = logging.getLogger("main_pretrain")
 
@@ -170,15 +170,6 @@ def model_options(args: argparse.Namespace, global_batch: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def gather_rng_states(dist_info: DistInfo) -> list:
-    state = capture_rng_state()
-    if not dist_info.distributed:
-        return [state]
-    states = [None] * dist_info.world_size
-    dist.all_gather_object(states, state)
-    return states
 
 
 def checkpoint_state(model, optimizer, scaler, args, epoch: int, step: int, steps_per_epoch: int,
@@ -390,7 +381,7 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     latest = output_dir / "checkpoint.pth.tar"
 
     def save(epoch: int, step: int, meters: dict | None, also_as: str | None = None) -> None:
-        rng = gather_rng_states(dist_info)  # a collective: every process takes part
+        rng = gather_rng_states()  # a collective: every process takes part
         if dist_info.is_main:
             state = checkpoint_state(model, optimizer, scaler, args, epoch, step, steps_per_epoch, rng, meters)
             save_atomic(state, latest)

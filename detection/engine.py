@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from selfsup.distributed import DistInfo, all_reduce_mean, all_reduce_sum
@@ -139,10 +138,3 @@ def train_iterations(ddp_model: nn.Module, optimizer: torch.optim.Optimizer, bat
         hook_time += time.time() - t_hook
 
 
-def gather_rng_states(dist_info: DistInfo, state) -> list:
-    """Every process's random generator state, in rank order (a collective)."""
-    if not dist_info.distributed:
-        return [state]
-    states = [None] * dist_info.world_size
-    dist.all_gather_object(states, state)
-    return states

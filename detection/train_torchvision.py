@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch  # noqa: E402
 
 from detection import datasets as det_data  # noqa: E402
-from detection.engine import Schedule, batch_stream, gather_rng_states, precise_bn, train_iterations  # noqa: E402
+from detection.engine import Schedule, batch_stream, precise_bn, train_iterations  # noqa: E402
 from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
 from selfsup.builder import ARCHS  # noqa: E402
@@ -40,7 +40,7 @@ from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint,
 from selfsup.distributed import DistInfo, barrier, cleanup_distributed, init_distributed  # noqa: E402
 from selfsup.engine import NonFiniteLossError, unwrap  # noqa: E402
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
-from selfsup.sampler import ResumableDistributedSampler, capture_rng_state, restore_rng_state  # noqa: E402
+from selfsup.sampler import ResumableDistributedSampler, gather_rng_states, restore_rng_state  # noqa: E402
 
 logger = logging.getLogger("train_torchvision")
 
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     latest = output_dir / "checkpoint.pth.tar"
 
     def checkpoint(iters_done: int) -> None:
-        rng = gather_rng_states(dist_info, capture_rng_state())  # a collective
+        rng = gather_rng_states()  # a collective
         if dist_info.is_main:
             save_atomic({"iter": iters_done, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "detector": {**asdict(cfg), "train_sizes": list(cfg.train_sizes)},

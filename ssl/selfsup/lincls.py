@@ -34,7 +34,7 @@ import torchvision.transforms as T
 from .builder import ARCHS, backbone_constructor
 from .checkpoint import CheckpointError, extract_backbone, infer_arch_info, load_backbone, load_checkpoint, save_atomic
 from .data import ImageDataset, find_samples
-from .distributed import DistInfo, all_reduce_sum, concat_all_gather, get_rank, get_world_size
+from .distributed import DistInfo, all_reduce_sum, concat_all_gather, get_rank
 from .engine import NonFiniteLossError
 from .knn import extract_features
 from .loader import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX

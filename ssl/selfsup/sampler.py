@@ -122,6 +122,17 @@ def capture_rng_state() -> dict:
     return state
 
 
+def gather_rng_states() -> list[dict]:
+    """Every process's `capture_rng_state()`, in rank order (a collective on every process), so
+    rank 0 can store them all in one checkpoint."""
+    state = capture_rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_to_tuple(state["python"]))
