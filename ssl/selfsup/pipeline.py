@@ -1,34 +1,56 @@
 """How pretraining batches reach the device: dataset, sampler, loader and the device-side step.
 
 `build_pretrain_pipeline` returns a `Pipeline` whose loader yields `(views, labels, skipped)`
-and whose `to_device(views, epoch, step)` turns the loader's views into the normalised float
-batches the model takes. With the reference backend the workers do everything (per-image PIL +
-torchvision, as facebookresearch/moco) and `to_device` only copies.
+and whose `to_device(views, epoch, step)` turns the loader's views into the normalised batches
+the model takes. Backends (docs/PERFORMANCE.md):
+
+* reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
+  `to_device` only copies.
+* batched: the workers decode once and return both crops as uint8 (`selfsup.crops`); colour,
+  blur, solarize and normalisation run batched on the device (`selfsup.augment`).
+* memory: the whole dataset is one uint8 tensor; the loader yields indices and everything,
+  crops included, runs batched on the device (`selfsup.inmemory`).
+* auto: memory for small images (<= 64 pixels, as the small-image recipes) that fit in memory,
+  otherwise batched.
+
+Every backend keeps exact resume: the data order comes from ResumableDistributedSampler, the
+workers' randomness from its per-sample seeds, the device's from (seed, epoch, step, rank).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from .augment import TwoViewAugment, augment_generator
+from .crops import TwoCropsDataset
 from .data import ImageDataset, find_samples
 from .distributed import DistInfo
-from .loader import build_two_crops_transform
+from .inmemory import IndexBatchLoader, InMemoryImages
+from .loader import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
 from .sampler import ResumableDistributedSampler
 
-BACKENDS = ("reference",)
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "batched", "memory", "reference")
+# "auto" holds a folder in memory when its images are at most SMALL_IMAGE_MAX pixels and take
+# at most this many bytes.
+AUTO_MEMORY_MAX_BYTES = 2 << 30
 
 
 @dataclass
 class Pipeline:
-    loader: DataLoader
+    loader: Iterable
     sampler: ResumableDistributedSampler
     to_device: Callable[[list[torch.Tensor], int, int], list[torch.Tensor]]
     num_images: int
     description: str
+    backend: str = "reference"
 
 
 def _reference_to_device(device: torch.device, channels_last: bool):
@@ -38,6 +60,61 @@ def _reference_to_device(device: torch.device, channels_last: bool):
         return [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in views]
 
     return to_device
+
+
+def _batched_to_device(augment: TwoViewAugment, device: torch.device, seed: int, rank: int):
+    def to_device(views: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
+        g = augment_generator(seed, epoch, step, rank)
+        return augment([v.to(device, non_blocking=True) for v in views], g)
+
+    return to_device
+
+
+def small_images(samples: Sequence[tuple[str, int]], probe: int = 16) -> bool:
+    """Whether the first `probe` images are at most SMALL_IMAGE_MAX pixels on each side (read
+    from the headers only)."""
+    for path, _ in samples[:probe]:
+        try:
+            with Image.open(path) as img:
+                if max(img.size) > SMALL_IMAGE_MAX:
+                    return False
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            continue
+    return True
+
+
+def build_memory_pipeline(
+    data: InMemoryImages,
+    aug: str,
+    image_size: int,
+    batch_size: int,
+    dist: DistInfo,
+    seed: int,
+    channels_last: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    description: str = "",
+) -> Pipeline:
+    """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
+    numpy arrays); crop, flip and colour all run batched on `dist.device`.
+
+    `batch_size` is the per-process batch. Each process holds the whole dataset (on its device).
+    """
+    sampler = ResumableDistributedSampler(len(data), batch_size, dist.world_size, dist.rank, seed=seed)
+    loader = IndexBatchLoader(sampler, data.labels)
+    on_device = data.to(dist.device)
+    augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
+                             channels_last=channels_last).to(dist.device)
+
+    def to_device(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+        g = augment_generator(seed, epoch, step, dist.rank)
+        return augment.forward_from_images(on_device.images[indices.to(dist.device)], g)
+
+    c, h, w = data.image_shape
+    description = (description or f"{len(data)} images") + (
+        f"; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
+        f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched on {dist.device}"
+    )
+    return Pipeline(loader, sampler, to_device, len(data), description, "memory")
 
 
 def build_pretrain_pipeline(
@@ -50,16 +127,42 @@ def build_pretrain_pipeline(
     seed: int,
     backend: str = "reference",
     channels_last: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
     """The pretraining data path over the images of `data_dir` (class folders or flat).
 
-    `batch_size` is the per-process batch.
+    `batch_size` is the per-process batch; `backend` one of BACKENDS; `out_dtype` the dtype of
+    the views the batched and memory backends return (e.g. torch.bfloat16 under bf16 autocast).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(BACKENDS)}")
     samples, classes = find_samples(data_dir)
-    transform = build_two_crops_transform(aug, image_size)
-    dataset = ImageDataset(samples, transform, classes)
+    what = f"{len(samples)} images ({len(classes) or 'no'} classes) from {data_dir}"
+    auto = backend == "auto"
+    if auto:
+        backend = "memory" if small_images(samples) else "batched"
+    if backend == "memory":
+        try:
+            data = InMemoryImages.from_samples(samples, classes, AUTO_MEMORY_MAX_BYTES if auto else 4 << 30)
+        except ValueError as e:
+            if not auto:
+                raise
+            logger.info("not holding the images in memory (%s); using the batched backend", e)
+            backend = "batched"
+        else:
+            return build_memory_pipeline(data, aug, image_size, batch_size, dist, seed, channels_last, out_dtype,
+                                         description=what)
+
+    if backend == "reference":
+        dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
+        to_device = _reference_to_device(dist.device, channels_last)
+        how = f"reference per-image pipeline in {workers} worker(s)"
+    else:
+        dataset = TwoCropsDataset(samples, get_preset(aug, image_size), image_size, classes)
+        augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
+                                 channels_last=channels_last).to(dist.device)
+        to_device = _batched_to_device(augment, dist.device, seed, dist.rank)
+        how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
     sampler = ResumableDistributedSampler(len(dataset), batch_size, dist.world_size, dist.rank, seed=seed)
     loader = DataLoader(
         dataset,
@@ -73,8 +176,5 @@ def build_pretrain_pipeline(
         # from drawing its worker seeds out of the global stream (which would shift on resume).
         generator=torch.Generator().manual_seed(seed),
     )
-    description = (
-        f"{len(dataset)} images ({len(classes) or 'no'} classes) from {data_dir}; "
-        f"aug {aug} at {image_size}px, reference per-image pipeline in {workers} worker(s)"
-    )
-    return Pipeline(loader, sampler, _reference_to_device(dist.device, channels_last), len(dataset), description)
+    description = f"{what}; aug {aug} at {image_size}px, {how}"
+    return Pipeline(loader, sampler, to_device, len(dataset), description, backend)
