@@ -9,8 +9,8 @@ from PIL import Image, JpegImagePlugin
 from torch.utils.data import DataLoader
 
 from helpers import make_image_folder, run_script
-from selfsup.augment import TwoViewAugment
-from selfsup.crops import TwoCropsDataset, draft_factor
+from selfsup.augment import TwoViewAugment, augment_generator
+from selfsup.crops import TwoCropsBatches, TwoCropsDataset, draft_factor
 from selfsup.data import find_samples
 from selfsup.distributed import DistInfo
 from selfsup.inmemory import IndexBatchLoader, InMemoryImages
@@ -202,7 +202,7 @@ def test_main_pretrain_trains_with_the_batched_backend(tmp_path):
                     "--channels-last", "--output-dir", str(out)])  # default --aug-backend auto: batched here
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoint.pth.tar").is_file()
-    assert "colour batched" in r.stderr + r.stdout
+    assert "batched colour in 1 worker" in r.stderr + r.stdout  # a CPU run: colour in the workers too
 
 
 def test_views_come_in_the_dtype_and_format_the_step_wants(tmp_path):
@@ -212,3 +212,19 @@ def test_views_come_in_the_dtype_and_format_the_step_wants(tmp_path):
                                     channels_last=True, out_dtype=torch.bfloat16)
         for v in record(p, 0)[0]:
             assert v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_colour_in_the_workers_equals_colour_on_the_device(tmp_path):
+    """A CPU-only run augments in the loader workers; the parameters are those the device would
+    draw for the same step, so the views are the same."""
+    make_image_folder(tmp_path, classes=1, per_class=6, size=40, ext="jpg")
+    samples, _ = find_samples(tmp_path)
+    preset = get_preset("byol", 24)
+    crops = TwoCropsDataset(samples, preset, 24)
+    augment = TwoViewAugment(preset, 24)
+    key = (3, 5, [(i, 100 + i) for i in range(6)])
+    in_workers = TwoCropsBatches(crops, augment, seed=9, rank=1)[key][0]
+    uint8 = TwoCropsBatches(crops)[key][0]
+    on_device = augment(uint8, augment_generator(9, 3, 5, 1))
+    assert uint8[0].dtype == torch.uint8
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, on_device))

@@ -126,8 +126,17 @@ def sample_view_params(spec: ViewSpec, n: int, generator: torch.Generator) -> Vi
 # ----------------------------------------------------------------------------------------------
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a small CPU tensor (parameters, indices) to `device` without a stream sync: a copy
+    from pageable memory would wait for the GPU's queued work, pinned memory does not."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    """A vector of N per-sample values (any device), shaped to broadcast over N x ... x."""
+    return host_to(v.to(x.dtype), x.device).view(-1, *([1] * (x.dim() - 1)))
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +153,7 @@ def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the mean luma of each image: clamp(f * x + (1 - f) * mean(gray(x)))."""
     f = _per_sample(factor, x)
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype)
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).to(x.device)
     mean = (x.mean(dim=(2, 3)) @ w).view(-1, 1, 1, 1)  # N x 1 x 1 x 1
     return x.mul_(f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
 
@@ -265,8 +274,7 @@ def gaussian_blur_pil_(x: torch.Tensor, sigma: torch.Tensor, passes: int = 3) ->
 # ----------------------------------------------------------------------------------------------
 
 
-# A subset of a chunk that falls into at most this many contiguous runs is processed as slices
-# (views, no copies); beyond it, it is gathered and scattered back.
+# Beyond this many runs a subset is written back with index_copy_ rather than slice copies.
 MAX_RUNS = 16
 
 
@@ -283,23 +291,32 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _apply(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
-    """Apply fn(sub, idx) to the samples of x where the CPU bool `mask` holds, and return x.
+    """Apply fn(rows, idx) to the samples of x where the CPU bool `mask` holds, and return x.
 
     fn gets the selected rows and their indices (CPU long) and returns the new rows (it may work
-    in place). Contiguous runs are processed as slices of x; a scattered subset is gathered and
-    written back (index_copy_ is slow on a CPU, so the chunk is sorted to keep subsets in runs).
+    in place). One contiguous run is worked on as a slice of x; otherwise the rows are gathered,
+    processed in one call, and written back - by slice copies on a CPU, where index_copy_ looks
+    up an index per element and is slow (BatchAugment sorts a chunk to keep subsets in few runs).
     """
     runs = _runs(mask)
-    if len(runs) <= MAX_RUNS:
-        for start, length in runs:
-            rows = x.narrow(0, start, length)
-            new = fn(rows, torch.arange(start, start + length))
-            if new is not rows:
-                rows.copy_(new)
+    if not runs:
+        return x
+    if len(runs) == 1:
+        start, length = runs[0]
+        rows = x.narrow(0, start, length)
+        new = fn(rows, torch.arange(start, start + length))
+        if new is not rows:
+            rows.copy_(new)
         return x
     idx = torch.nonzero(mask).squeeze(1)
-    idx_dev = idx.to(x.device, non_blocking=True)
-    return x.index_copy_(0, idx_dev, fn(x.index_select(0, idx_dev), idx))
+    new = fn(x.index_select(0, host_to(idx, x.device)), idx)
+    if x.device.type == "cpu" and len(runs) <= MAX_RUNS:
+        k = 0
+        for start, length in runs:
+            x.narrow(0, start, length).copy_(new.narrow(0, k, length))
+            k += length
+        return x
+    return x.index_copy_(0, host_to(idx, x.device), new)
 
 
 def _jitter_key(p: ViewParams) -> torch.Tensor:
@@ -372,9 +389,9 @@ class BatchAugment(nn.Module):
             perm = torch.argsort(_jitter_key(p), stable=True)
             x = images[start:stop]
             if bool((perm != torch.arange(len(perm))).any()):
-                x = x.index_select(0, perm.to(x.device, non_blocking=True))
+                x = x.index_select(0, host_to(perm, x.device))
                 x = self.augment_unit(to_unit_float(x), p.take(perm))
-                x = x.index_select(0, torch.argsort(perm).to(x.device, non_blocking=True))
+                x = x.index_select(0, host_to(torch.argsort(perm), x.device))
             else:
                 x = self.augment_unit(to_unit_float(x), p)
             torch.div(x.sub_(mean), std, out=out[start:stop])  # torchvision's Normalize
@@ -515,7 +532,7 @@ def resized_crop(
     wx = resize_weights(boxes[:, 1], boxes[:, 3], w, size)  # N x S x W
     if flip is not None:
         wx = torch.where(flip.cpu().view(-1, 1, 1), wx.flip(1), wx)
-    wy, wx = wy.to(images.device), wx.to(images.device)
+    wy, wx = host_to(wy, images.device), host_to(wx, images.device)
     x = to_unit_float(images) if images.dtype == torch.uint8 else images.float()
     x = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))  # N x C x H x S
     return torch.matmul(wy.unsqueeze(1), x)  # N x C x S x S

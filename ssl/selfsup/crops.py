@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .augment import TwoViewAugment, augment_generator
 from .data import ImageDataset
 from .loader import Preset, to_rgb
 
@@ -145,3 +146,28 @@ class TwoCropsDataset(ImageDataset):
         if s != 1.0:
             boxes = [_scaled_box(b, s, img.height, img.width) for b in boxes]
         return [resized_crop_uint8(image, b, self.image_size, fl) for b, fl in zip(boxes, flips)]
+
+
+class TwoCropsBatches(torch.utils.data.Dataset):
+    """Whole batches of a TwoCropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
+    (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
+
+    With `augment`, the batched colour half runs here too, with the generator the device would
+    use for that step (augment_generator(seed, epoch, step, rank)): what a CPU-only run does, so
+    that the colour work stays in the loader workers, in parallel with the training step, at the
+    batched cost per image. Without it the views stay uint8 for the device.
+    """
+
+    def __init__(self, dataset: TwoCropsDataset, augment: TwoViewAugment | None = None, seed: int = 0,
+                 rank: int = 0) -> None:
+        self.dataset, self.augment, self.seed, self.rank = dataset, augment, seed, rank
+
+    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
+        epoch, step, items = key
+        out = [self.dataset[item] for item in items]
+        views = [torch.stack([o[0][k] for o in out]) for k in (0, 1)]
+        labels = torch.tensor([o[1] for o in out])
+        skipped = torch.tensor([o[2] for o in out])
+        if self.augment is not None:
+            views = self.augment(views, augment_generator(self.seed, epoch, step, self.rank))
+        return views, labels, skipped

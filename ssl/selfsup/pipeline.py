@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .augment import TwoViewAugment, augment_generator
-from .crops import TwoCropsDataset
+from .augment import TwoViewAugment, augment_generator, host_to
+from .crops import TwoCropsBatches, TwoCropsDataset
 from .data import ImageDataset, find_samples
 from .distributed import DistInfo
 from .inmemory import IndexBatchLoader, InMemoryImages
@@ -107,7 +107,7 @@ def build_memory_pipeline(
 
     def to_device(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
         g = augment_generator(seed, epoch, step, dist.rank)
-        return augment.forward_from_images(on_device.images[indices.to(dist.device)], g)
+        return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
 
     c, h, w = data.image_shape
     description = (description or f"{len(data)} images") + (
@@ -153,28 +153,52 @@ def build_pretrain_pipeline(
             return build_memory_pipeline(data, aug, image_size, batch_size, dist, seed, channels_last, out_dtype,
                                          description=what)
 
-    if backend == "reference":
-        dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
-        to_device = _reference_to_device(dist.device, channels_last)
-        how = f"reference per-image pipeline in {workers} worker(s)"
-    else:
-        dataset = TwoCropsDataset(samples, get_preset(aug, image_size), image_size, classes)
-        augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
-                                 channels_last=channels_last).to(dist.device)
-        to_device = _batched_to_device(augment, dist.device, seed, dist.rank)
-        how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
-    sampler = ResumableDistributedSampler(len(dataset), batch_size, dist.world_size, dist.rank, seed=seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+    sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed)
+    loader_args = dict(
         num_workers=workers,
         pin_memory=dist.device.type == "cuda",
         persistent_workers=workers > 0,
-        drop_last=True,
-        # Augmentation is seeded per sample by the sampler; this generator only keeps the loader
-        # from drawing its worker seeds out of the global stream (which would shift on resume).
+        # Augmentation is seeded per sample (and per step) from the sampler; this generator only
+        # keeps the loader from drawing its worker seeds out of the global stream.
         generator=torch.Generator().manual_seed(seed),
     )
+    if backend == "reference":
+        dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_args)
+        to_device = _reference_to_device(dist.device, channels_last)
+        how = f"reference per-image pipeline in {workers} worker(s)"
+    else:
+        preset = get_preset(aug, image_size)
+        augment = TwoViewAugment(preset, image_size, out_dtype=out_dtype, channels_last=channels_last)
+        crops = TwoCropsDataset(samples, preset, image_size, classes)
+        if dist.device.type == "cpu":
+            # No accelerator: the batched colour half runs in the workers, next to the crops.
+            batches = TwoCropsBatches(crops, augment, seed, dist.rank)
+            to_device = _reference_to_device(dist.device, channels_last)
+            how = f"decode + crops + batched colour in {workers} worker(s)"
+        else:
+            batches = TwoCropsBatches(crops)
+            to_device = _batched_to_device(augment.to(dist.device), dist.device, seed, dist.rank)
+            how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
+        loader = DataLoader(batches, batch_size=None, sampler=StepBatchSampler(sampler), **loader_args)
     description = f"{what}; aug {aug} at {image_size}px, {how}"
-    return Pipeline(loader, sampler, to_device, len(dataset), description, backend)
+    return Pipeline(loader, sampler, to_device, len(samples), description, backend)
+
+
+class StepBatchSampler:
+    """The per-process batches of a ResumableDistributedSampler, each as
+    `(epoch, step, [(index, seed), ...])`, so that a whole batch - and its per-step augmentation
+    generator - can be made in a loader worker. The same batches as
+    DataLoader(batch_size=sampler.batch_size, drop_last=True) would form."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        items = list(self.sampler)
+        b = self.sampler.batch_size
+        for i in range(len(items) // b):
+            yield self.sampler.epoch, self.sampler.start_step + i, items[i * b : (i + 1) * b]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.sampler.batch_size
