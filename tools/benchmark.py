@@ -168,7 +168,7 @@ class Report:
         self.rows.append({"section": section, "config": config, "ours": ours, "reference": ref,
                           "reference_name": ref_name, "ratio": ratio, "unit": unit})
         r = f"{ratio:5.2f}x" if ratio is not None else "   -  "
-        print(f"  {section:3s} {config:58s} {ours:9.1f} {unit}  vs {ref_name} {ref or float('nan'):9.1f}  {r}",
+        print(f"  {section:3s} {config:66s} {ours:9.1f} {unit}  vs {ref_name} {ref or float('nan'):9.1f}  {r}",
               flush=True)
 
     def get(self, section: str, config_prefix: str) -> dict | None:
@@ -178,12 +178,13 @@ class Report:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def loader_half(report: Report, samples, classes, size: int, aug: str, rounds: int, tag: str = "") -> dict:
+def loader_half(report: Report, samples, classes, size: int, aug: str, rounds: int, tag: str = "",
+                draft: bool = True) -> dict:
     """(a) per-worker rates of the reference per-image pipeline and of the CPU half; keeps the
     CPU half's views for (b)."""
     preset = get_preset(aug, size)
     ref = ImageDataset(samples, build_two_crops_transform(aug, size), classes)
-    ours = TwoCropsDataset(samples, preset, size, classes)
+    ours = TwoCropsDataset(samples, preset, size, classes, draft=draft)
     n = len(samples)
     kept: dict[str, list] = {}
 
@@ -291,7 +292,6 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
             sync(device)
             times.append(time.perf_counter() - t0)
         rates[prec] = batch / statistics.median(times)
-        del model, opt
     for prec in precisions:
         report.add("c", f"step {method} {arch} {size}px b{batch} {prec} on {device.type}", rates[prec],
                    rates.get("fp32"), "fp32")
@@ -378,7 +378,9 @@ def main() -> int:
         ab = samples[:48] if quick else samples[:160]
         half = {aug: loader_half(report, ab, classes, 224, aug, rounds) for aug in (["moco_v2"] if quick else
                                                                                    ["moco_v2", "byol"])}
-        loader_half(report, ab, classes, 112, "moco_v2", rounds, tag=" (JPEG draft where allowed)")
+        for size in ((112,) if quick else (112, 64)):
+            loader_half(report, ab, classes, size, "moco_v2", rounds, tag=", JPEG draft where allowed")
+            loader_half(report, ab, classes, size, "moco_v2", rounds, tag=", draft off", draft=False)
         if "b" in args.sections:
             for aug, h in half.items():
                 colour_cpu = colour_half_rate(h["views"], aug, 224, cpu, 16, rounds)

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .loader import IMAGENET_MEAN, IMAGENET_STD, Preset, ViewSpec
 from .sampler import mix_seed
