@@ -107,7 +107,8 @@ def test_colour_ops_match_pillow_up_to_its_uint8_rounding():
     for name, (ours, pil_op) in ops.items():
         for i in range(4):
             factor = float(rng.uniform(0.2, 1.8))
-            d = (ours(unit(x8[i : i + 1]), torch.tensor([factor]))[0] * 255 - from_pil(pil_op(to_pil(x8[i]), factor))).abs()
+            expected = from_pil(pil_op(to_pil(x8[i]), factor))
+            d = (ours(unit(x8[i : i + 1]), torch.tensor([factor]))[0] * 255 - expected).abs()
             assert d.max() <= bounds[name][0] and d.mean() <= bounds[name][1], (name, factor, d.max(), d.mean())
     gray = rgb_to_gray(unit(x8))[:, 0] * 255
     pil_gray = torch.stack([torch.from_numpy(np.array(to_pil(img).convert("L"))).float() for img in x8])

@@ -126,7 +126,7 @@ def test_in_memory_from_folder_decodes_every_image_once(tmp_path):
         Image.fromarray(a, "L").save(tmp_path / f"c{i % 2}" / f"{i}.png")
     (tmp_path / "c0" / "broken.png").write_bytes(b"not a png")
     data = InMemoryImages.from_folder(tmp_path)
-    assert data.images.shape == (6, 1, 12, 10) and data.classes == ["c0", "c1"]
+    assert data.images.shape == (6, 1, 12, 10) and data.classes == ["c0", "c1"] and data.skipped == 1
     order = [0, 2, 4, 1, 3, 5]  # class folders, files sorted by name
     assert torch.equal(data.images[:, 0], torch.from_numpy(arrays[order]))
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -162,9 +162,8 @@ def record(pipeline, epoch: int, start: int = 0) -> list[list[torch.Tensor]]:
 
 def test_memory_pipeline_resumes_exactly():
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
-    build = lambda: build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4)  # noqa: E731
-    full = record(build(), epoch=2)
-    resumed = record(build(), epoch=2, start=3)
+    full = record(build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4), epoch=2)
+    resumed = record(build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4), epoch=2, start=3)
     assert len(full) == 5 and len(resumed) == 2
     for a, b in zip(full[3:], resumed):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -173,8 +172,10 @@ def test_memory_pipeline_resumes_exactly():
 
 def test_batched_pipeline_resumes_exactly_whatever_the_worker_count(tmp_path):
     make_image_folder(tmp_path, classes=2, per_class=10, size=72, ext="jpg")
-    build = lambda workers: build_pretrain_pipeline(str(tmp_path), "moco_v2", 24, 4, workers, DistInfo(), 1,  # noqa: E731
-                                                     backend="batched")
+
+    def build(workers):
+        return build_pretrain_pipeline(str(tmp_path), "moco_v2", 24, 4, workers, DistInfo(), 1, backend="batched")
+
     full = record(build(0), epoch=1)
     resumed = record(build(2), epoch=1, start=2)
     assert len(full) == 5 and len(resumed) == 3

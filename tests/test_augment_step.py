@@ -30,8 +30,9 @@ def conv_inputs_not_channels_last(model: nn.Module, x1: torch.Tensor, x2: torch.
     return bad
 
 
-@pytest.mark.parametrize("method,options", [("moco", {"K": 32, "bn_splits": 2}), ("simclr", {"hidden_dim": 32, "bn_splits": 4}),
-                                            ("byol", {"hidden_dim": 32})])
+@pytest.mark.parametrize("method,options", [
+    ("moco", {"K": 32, "bn_splits": 2}), ("simclr", {"hidden_dim": 32, "bn_splits": 4}), ("byol", {"hidden_dim": 32}),
+])
 def test_channels_last_reaches_every_convolution(method, options):
     torch.manual_seed(0)
     model = build_model(method, "resnet18", dim=16, **options)

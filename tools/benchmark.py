@@ -95,7 +95,8 @@ def natural_image(rng: np.random.Generator, width: int, height: int) -> Image.Im
             draw.rectangle([x0, y0, x0 + size * rng.uniform(0.5, 1.5), y0 + size], fill=255)
         else:
             draw.polygon([tuple(p) for p in rng.uniform(0, 1, (rng.integers(3, 6), 2)) * [width, height]], fill=255)
-        texture = rng.uniform(0, 255, 3) + clouds(rng.uniform(15, 45), rng.uniform(0.7, 1.3))[..., None] * rng.uniform(0.3, 1.0, 3)
+        grain = clouds(rng.uniform(15, 45), rng.uniform(0.7, 1.3))[..., None]
+        texture = rng.uniform(0, 255, 3) + grain * rng.uniform(0.3, 1.0, 3)
         fill = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8))
         canvas.paste(fill, (0, 0), mask.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0))))
     canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
@@ -163,7 +164,8 @@ class Report:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, section: str, config: str, ours: float, ref: float | None, ref_name: str, unit: str = "img/s") -> None:
+    def add(self, section: str, config: str, ours: float, ref: float | None, ref_name: str,
+            unit: str = "img/s") -> None:
         ratio = ours / ref if ref else None
         self.rows.append({"section": section, "config": config, "ours": ours, "reference": ref,
                           "reference_name": ref_name, "ratio": ratio, "unit": unit})

@@ -437,7 +437,8 @@ def compile_networks(model: nn.Module, device: torch.device) -> str | None:
         import torch._dynamo
 
         if not torch._dynamo.is_dynamo_supported():
-            return f"torch.compile does not support this platform (Python {sys.version.split()[0]}, torch {torch.__version__})"
+            python = sys.version.split()[0]
+            return f"torch.compile does not support this platform (Python {python}, torch {torch.__version__})"
         if device.type == "cpu":
             from torch._inductor import cpp_builder
 

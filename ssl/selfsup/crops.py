@@ -138,7 +138,7 @@ class TwoCropsDataset(ImageDataset):
                 d = draft_factor(boxes, self.image_size)
                 if d > 1:
                     result = img.draft("RGB", (width // d, height // d))
-                    if result is not None:
+                    if isinstance(result, tuple):  # (mode, box of the full image in decoded pixels)
                         s = width / result[1][2]
             img.load()
         img = to_rgb(img)

@@ -68,6 +68,7 @@ class InMemoryImages:
             if len(self.labels) != n:
                 raise ValueError(f"{n} images but {len(self.labels)} labels")
         self.classes = list(classes)
+        self.skipped = 0  # unreadable files left out by from_folder
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, max_bytes: int = 4 << 30) -> "InMemoryImages":
@@ -82,7 +83,7 @@ class InMemoryImages:
         cls, samples: Sequence[tuple[str, int]], classes: Sequence[str] = (), max_bytes: int = 4 << 30
     ) -> "InMemoryImages":
         """`from_folder` for a list of (path, label) from `find_samples`."""
-        arrays, labels, size = [], [], None
+        arrays, labels, size, skipped = [], [], None, 0
         for path, label in samples:
             try:
                 with open(path, "rb") as f:
@@ -90,6 +91,7 @@ class InMemoryImages:
                     img.load()
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
                 logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                skipped += 1
                 continue
             img = img if img.mode == "L" else to_rgb(img)
             if size is None:
@@ -110,13 +112,17 @@ class InMemoryImages:
         if not arrays:
             raise RuntimeError(f"none of the {len(samples)} files could be read as an image")
         if all(a.ndim == 2 for a in arrays):
-            return cls(np.stack(arrays), labels, classes)
-        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
-        return cls(np.stack(arrays), labels, classes, channels_last_input=True)
+            out = cls(np.stack(arrays), labels, classes)
+        else:
+            arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+            out = cls(np.stack(arrays), labels, classes, channels_last_input=True)
+        out.skipped = skipped
+        return out
 
     def to(self, device: torch.device | str) -> "InMemoryImages":
         out = InMemoryImages.__new__(InMemoryImages)
-        out.images, out.labels, out.classes = self.images.to(device), self.labels, self.classes
+        out.images, out.labels = self.images.to(device), self.labels
+        out.classes, out.skipped = self.classes, self.skipped
         return out
 
     def __len__(self) -> int:

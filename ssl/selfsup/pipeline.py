@@ -110,6 +110,8 @@ def build_memory_pipeline(
         return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
 
     c, h, w = data.image_shape
+    if data.skipped:
+        description = (description or f"{len(data)} images") + f" ({data.skipped} unreadable left out)"
     description = (description or f"{len(data)} images") + (
         f"; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched on {dist.device}"
