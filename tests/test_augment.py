@@ -344,3 +344,18 @@ def test_resized_crop_is_antialiased_bilinear_of_the_crop():
         pil = to_pil(x8[i]).crop((l, t, l + w, t + h)).resize((16, 16), Image.BILINEAR)
         pil = from_pil(pil.transpose(Image.FLIP_LEFT_RIGHT) if flip[i] else pil)
         assert (ours[i] * 255 - pil).abs().max() <= 1.0  # Pillow rounds to uint8
+
+
+def test_gathered_subsets_give_the_same_views_as_slices(monkeypatch):
+    """Subsets in many runs are gathered and scattered (always, on a GPU); same numbers."""
+    import selfsup.augment as augment
+
+    x8 = smooth_images(10)
+    spec = PRESETS["byol"].view1
+    p = sample_view_params(spec, 10, torch.Generator().manual_seed(2))
+    sliced = BatchAugment(spec)(x8, params=p)
+    monkeypatch.setattr(augment, "MAX_RUNS", 0)  # write back with index_copy_
+    # Report every subset as at least two runs, so that none is worked on as a slice.
+    monkeypatch.setattr(augment, "_runs", lambda mask: [(int(i), 1) for i in torch.nonzero(mask).squeeze(1)] * 2)
+    gathered = BatchAugment(spec)(x8, params=p)
+    torch.testing.assert_close(gathered, sliced, atol=1e-6, rtol=0)

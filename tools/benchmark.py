@@ -209,6 +209,7 @@ def loader_half(report: Report, samples, classes, size: int, aug: str, rounds: i
 def colour_half_rate(views: list, aug: str, size: int, device: torch.device, batch: int, rounds: int) -> float:
     """Images/s (both views) of the batched colour half on `device`, uint8 batches in."""
     augment = TwoViewAugment(get_preset(aug, size), size).to(device)
+    batch = min(batch, len(views))
     batches = []
     for s in range(0, len(views) - batch + 1, batch):
         batches.append([torch.stack([v[k] for v in views[s : s + batch]]) for k in (0, 1)])
@@ -377,7 +378,7 @@ def main() -> int:
 
     if "a" in args.sections or "b" in args.sections:
         print("(a) loader CPU half per worker (one process, one thread); (b) full augmentation", flush=True)
-        ab = samples[:48] if quick else samples[:160]
+        ab = samples[: 48 if quick and not cuda else 160]
         half = {aug: loader_half(report, ab, classes, 224, aug, rounds) for aug in (["moco_v2"] if quick else
                                                                                    ["moco_v2", "byol"])}
         for size in ((112,) if quick else (112, 64)):

@@ -152,7 +152,7 @@ def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the mean luma of each image: clamp(f * x + (1 - f) * mean(gray(x)))."""
     f = _per_sample(factor, x)
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).to(x.device)
+    w = host_to(torch.tensor(GRAY_WEIGHTS, dtype=x.dtype), x.device)
     mean = (x.mean(dim=(2, 3)) @ w).view(-1, 1, 1, 1)  # N x 1 x 1 x 1
     return x.mul_(f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
 

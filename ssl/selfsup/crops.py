@@ -4,8 +4,9 @@ Per image, in a data-loading worker: read the header, draw both views' RandomRes
 and flips (torchvision's distribution, seeded per sample by the sampler), decode once - at a
 reduced JPEG scale (DCT scaling, Pillow's `draft`) when both crops still get at least the
 output resolution from it - then crop, resize (antialiased bilinear, as Pillow) and flip each
-view and return it as a uint8 3 x S x S tensor. Colour, blur and normalisation follow on the
-device (`selfsup.augment`).
+view and return it as a uint8 3 x S x S tensor. Colour, blur and normalisation follow batched
+(`selfsup.augment`): on the accelerator, or - on a CPU-only run - still in the worker, per batch
+(`TwoCropsBatches`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ the model takes. Backends (docs/PERFORMANCE.md):
 
 * reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
   `to_device` only copies.
-* batched: the workers decode once and return both crops as uint8 (`selfsup.crops`); colour,
-  blur, solarize and normalisation run batched on the device (`selfsup.augment`).
+* batched: the workers decode once and cut both crops as uint8 (`selfsup.crops`); colour, blur,
+  solarize and normalisation run batched (`selfsup.augment`) on the accelerator - or, on a
+  CPU-only run, in the workers too, so that they overlap with the training step.
 * memory: the whole dataset is one uint8 tensor; the loader yields indices and everything,
   crops included, runs batched on the device (`selfsup.inmemory`).
 * auto: memory for small images (<= 64 pixels, as the small-image recipes) that fit in memory,
@@ -53,7 +54,7 @@ class Pipeline:
     backend: str = "reference"
 
 
-def _reference_to_device(device: torch.device, channels_last: bool):
+def _copy_to_device(device: torch.device, channels_last: bool):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def to_device(views: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
@@ -110,10 +111,9 @@ def build_memory_pipeline(
         return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
 
     c, h, w = data.image_shape
-    if data.skipped:
-        description = (description or f"{len(data)} images") + f" ({data.skipped} unreadable left out)"
-    description = (description or f"{len(data)} images") + (
-        f"; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
+    head = (description or f"{len(data)} images") + (f" ({data.skipped} unreadable left out)" if data.skipped else "")
+    description = (
+        f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched on {dist.device}"
     )
     return Pipeline(loader, sampler, to_device, len(data), description, "memory")
@@ -167,7 +167,7 @@ def build_pretrain_pipeline(
     if backend == "reference":
         dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_args)
-        to_device = _reference_to_device(dist.device, channels_last)
+        to_device = _copy_to_device(dist.device, channels_last)
         how = f"reference per-image pipeline in {workers} worker(s)"
     else:
         preset = get_preset(aug, image_size)
@@ -176,7 +176,7 @@ def build_pretrain_pipeline(
         if dist.device.type == "cpu":
             # No accelerator: the batched colour half runs in the workers, next to the crops.
             batches = TwoCropsBatches(crops, augment, seed, dist.rank)
-            to_device = _reference_to_device(dist.device, channels_last)
+            to_device = _copy_to_device(dist.device, channels_last)
             how = f"decode + crops + batched colour in {workers} worker(s)"
         else:
             batches = TwoCropsBatches(crops)
