@@ -160,10 +160,12 @@ def record(pipeline, epoch: int, start: int = 0) -> list[list[torch.Tensor]]:
     return [pipeline.to_device(views, epoch, start + i) for i, (views, _, _) in enumerate(pipeline.loader)]
 
 
-def test_memory_pipeline_resumes_exactly():
+def test_memory_pipeline_resumes_exactly_in_the_main_process_or_in_workers():
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
     full = record(build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4), epoch=2)
-    resumed = record(build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4), epoch=2, start=3)
+    in_workers = build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4, workers=2)
+    assert "in 2 worker(s)" in in_workers.description
+    resumed = record(in_workers, epoch=2, start=3)
     assert len(full) == 5 and len(resumed) == 2
     for a, b in zip(full[3:], resumed):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -383,8 +383,9 @@ class BatchAugment(nn.Module):
         for start in range(0, n, step):
             stop = min(start + step, n)
             p = params.slice(start, stop)
-            # Sort the chunk by ColorJitter order: each (slot, operation) subset is then a few
-            # contiguous slices, worked on in place instead of gathered and scattered.
+            # Sort the chunk by ColorJitter order: each (slot, operation) subset then falls into
+            # few contiguous runs (one at the first slot), worked on as slices or written back
+            # with few copies.
             perm = torch.argsort(_jitter_key(p), stable=True)
             x = images[start:stop]
             if bool((perm != torch.arange(len(perm))).any()):

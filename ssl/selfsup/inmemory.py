@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augment import TwoViewAugment, augment_generator
 from .data import find_samples
 from .loader import to_rgb
 from .sampler import ResumableDistributedSampler
@@ -154,3 +155,23 @@ class IndexBatchLoader:
 
     def __len__(self) -> int:
         return len(self.sampler) // self.sampler.batch_size
+
+
+class InMemoryBatches(torch.utils.data.Dataset):
+    """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
+    keys (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)`.
+
+    What a CPU-only run's loader workers make, so that the augmentation overlaps with the
+    training step; the generator is the one the device would use for that step, so the views
+    are those of `build_memory_pipeline(...).to_device`.
+    """
+
+    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int) -> None:
+        self.data, self.augment, self.seed, self.rank = data, augment, seed, rank
+
+    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
+        epoch, step, items = key
+        index = torch.tensor([i for i, _ in items])
+        views = self.augment.forward_from_images(self.data.images[index],
+                                                 augment_generator(self.seed, epoch, step, self.rank))
+        return views, self.data.labels[index], torch.zeros(len(index), dtype=torch.long)

@@ -32,7 +32,7 @@ from .augment import TwoViewAugment, augment_generator, host_to
 from .crops import TwoCropsBatches, TwoCropsDataset
 from .data import ImageDataset, find_samples
 from .distributed import DistInfo
-from .inmemory import IndexBatchLoader, InMemoryImages
+from .inmemory import IndexBatchLoader, InMemoryBatches, InMemoryImages
 from .loader import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
 from .sampler import ResumableDistributedSampler
 
@@ -94,27 +94,38 @@ def build_memory_pipeline(
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
     description: str = "",
+    workers: int = 0,
 ) -> Pipeline:
     """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
     numpy arrays); crop, flip and colour all run batched on `dist.device`.
 
     `batch_size` is the per-process batch. Each process holds the whole dataset (on its device).
+    On a CPU-only run with `workers` > 0 the batches are augmented in that many loader workers
+    instead, overlapping with the training step (same views).
     """
     sampler = ResumableDistributedSampler(len(data), batch_size, dist.world_size, dist.rank, seed=seed)
-    loader = IndexBatchLoader(sampler, data.labels)
-    on_device = data.to(dist.device)
     augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
                              channels_last=channels_last).to(dist.device)
+    if dist.device.type == "cpu" and workers > 0:
+        loader = DataLoader(InMemoryBatches(data, augment, seed, dist.rank), batch_size=None,
+                            sampler=StepBatchSampler(sampler), num_workers=workers, persistent_workers=True,
+                            generator=torch.Generator().manual_seed(seed))
+        to_device = _copy_to_device(dist.device, channels_last)
+        where = f"in {workers} worker(s)"
+    else:
+        loader = IndexBatchLoader(sampler, data.labels)
+        on_device = data.to(dist.device)
 
-    def to_device(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
-        g = augment_generator(seed, epoch, step, dist.rank)
-        return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
+        def to_device(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+            g = augment_generator(seed, epoch, step, dist.rank)
+            return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
 
+        where = f"on {dist.device}"
     c, h, w = data.image_shape
     head = (description or f"{len(data)} images") + (f" ({data.skipped} unreadable left out)" if data.skipped else "")
     description = (
         f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
-        f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched on {dist.device}"
+        f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched {where}"
     )
     return Pipeline(loader, sampler, to_device, len(data), description, "memory")
 
@@ -153,7 +164,7 @@ def build_pretrain_pipeline(
             backend = "batched"
         else:
             return build_memory_pipeline(data, aug, image_size, batch_size, dist, seed, channels_last, out_dtype,
-                                         description=what)
+                                         description=what, workers=workers)
 
     sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed)
     loader_args = dict(
