@@ -114,9 +114,9 @@ def make_imagenet_like(root: Path, n: int, seed: int = 0) -> Path:
     """`n` JPEGs (quality 90) in 4 class folders, written in parallel; an existing complete
     folder of the same size is reused."""
     marker = root / f".complete-v{GENERATOR_VERSION}-{n}-{seed}"
-    if marker.exists():
+    if marker.exists() and len(list(root.glob("class*/*.jpg"))) == n:
         return root
-    for old in root.glob("class*/*.jpg"):
+    for old in [*root.glob("class*/*.jpg"), *root.glob(".complete-*")]:
         old.unlink()
     rng = np.random.default_rng(seed)
     sizes = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (500, 500)]
