@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from selfsup import launch, recipes
-from selfsup.builder import ARCHS, METHODS, build_model
+from selfsup.builder import ARCHS, METHODS, build_model, compile_networks
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT, resolve_split_dir, verify_images, find_samples
 from selfsup.distributed import DistInfo, cleanup_distributed, init_distributed
@@ -101,7 +101,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--gpu", default=None, type=int, help="MoCo's flag: GPU id for a single process (= --device cuda:N)")
-    p.add_argument("--aug-backend", default="reference", choices=BACKENDS, help="how augmentation runs")
+    p.add_argument("--aug-backend", default="auto", choices=BACKENDS,
+                   help="where augmentation runs (docs/PERFORMANCE.md): batched = decode + crops in the workers, "
+                        "colour on the device; memory = the whole dataset in memory, everything batched on the "
+                        "device; reference = per-image PIL in the workers (as facebookresearch/moco); auto "
+                        "(default) = memory for images of at most 64 pixels, else batched")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (skipped with a warning where unsupported)")
     p.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
     p.add_argument("--save-every-steps", default=0, type=int,
                    help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
@@ -242,7 +248,8 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
             logger.warning("unreadable image: %s (%s)", path, reason)
         logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
     pipeline = build_pretrain_pipeline(str(data_dir), args.aug, args.image_size, local_batch, args.workers,
-                                       dist_info, args.seed, args.aug_backend, args.channels_last)
+                                       dist_info, args.seed, args.aug_backend, args.channels_last,
+                                       out_dtype=AMP_DTYPES[args.amp] or torch.float32)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -252,6 +259,12 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
     model.to(dist_info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        reason = compile_networks(model, dist_info.device)
+        if reason:
+            logger.warning("--compile skipped, training uncompiled: %s", reason)
+        else:
+            logger.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, args.lr, args.momentum, args.wd)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")

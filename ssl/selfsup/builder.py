@@ -8,6 +8,7 @@ same way whatever the method.
 from __future__ import annotations
 
 import copy
+import sys
 from functools import partial
 from typing import Callable
 
@@ -79,7 +80,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_var.copy_(var_split.view(s, c).mean(0))
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
-        return out.view(n, c, h, w)
+        out = out.view(n, c, h, w)
+        # The split reshape has no channels_last view; hand the next layer the format it got.
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_splits={self.num_splits}"
@@ -418,3 +423,30 @@ def build_model(
             raise ValueError("sync_bn and bn_splits > 1 are alternatives; choose one")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def compile_networks(model: nn.Module, device: torch.device) -> str | None:
+    """torch.compile the networks of a MoCo/BYOL/SimCLR model in place (`nn.Module.compile`,
+    so parameter names and checkpoints do not change); the method's own logic (queue, momentum
+    update, gathers) stays eager.
+
+    Returns None when compiled, or why compilation is not possible here (the caller then trains
+    uncompiled). Compilation itself happens lazily at the first forward pass of each network.
+    """
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            python = sys.version.split()[0]
+            return f"torch.compile does not support this platform (Python {python}, torch {torch.__version__})"
+        if device.type == "cpu":
+            from torch._inductor import cpp_builder
+
+            cpp_builder.get_cpp_compiler()  # raises without a C++ compiler
+    except Exception as e:  # an unsupported platform shows up as many kinds of errors
+        return f"{type(e).__name__}: {e}"
+    for name in ("encoder_q", "encoder_k", "predictor"):
+        network = getattr(model, name, None)
+        if isinstance(network, nn.Module):
+            network.compile()
+    return None

@@ -128,7 +128,7 @@ class ImageDataset(torch.utils.data.Dataset):
         for skipped in range(n):
             path, label = self.samples[(index + skipped) % n]
             try:
-                img = self.loader(path)
+                img = self._read(path, seed)
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
                 if not self.replace_unreadable:
                     raise RuntimeError(
@@ -147,6 +147,11 @@ class ImageDataset(torch.utils.data.Dataset):
                         img = self.transform(img)
             return img, label, skipped
         raise RuntimeError(f"none of the {n} files of this dataset could be read as an image")
+
+    def _read(self, path: str, seed: int | None):
+        """Decode one file; an error raised here marks the file unreadable. Subclasses that
+        decode inside their augmentation (selfsup.crops) override this."""
+        return self.loader(path)
 
 
 def verify_images(samples: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:

@@ -17,6 +17,10 @@ class LARS(torch.optim.Optimizer):
     For each parameter with more than one dimension: g <- g + wd * p, then g <- g * eta * |p| / |g|
     (the trust ratio, 1 when either norm is 0); then heavy-ball momentum. Biases and BatchNorm
     parameters (ndim == 1) get neither weight decay nor the trust ratio, as in those papers.
+
+    `foreach=True` (default) does each step for all parameters of a group with multi-tensor
+    kernels (torch._foreach_*), a handful of launches per step instead of ~10 per parameter;
+    `foreach=False` is the plain per-parameter loop (same results up to float rounding).
     """
 
     def __init__(
@@ -26,9 +30,11 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
+        foreach: bool = True,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -37,6 +43,9 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.foreach:
+                self._foreach_step(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -58,6 +67,31 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(g)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+    def _foreach_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "mu" not in self.state[p]:
+                self.state[p]["mu"] = torch.zeros_like(p)
+        scaled = [p for p in params if p.ndim > 1]
+        if scaled:
+            grads = torch._foreach_add([p.grad for p in scaled], scaled, alpha=group["weight_decay"])
+            p_norm = torch.stack(torch._foreach_norm(scaled))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = torch.where(
+                (p_norm > 0) & (g_norm > 0), group["trust_coefficient"] * p_norm / g_norm, torch.ones_like(p_norm)
+            )
+            torch._foreach_mul_(grads, list(ratio.unbind()))
+            update = dict(zip(map(id, scaled), grads))
+        else:
+            update = {}
+        grads = [update.get(id(p), p.grad) for p in params]
+        mus = [self.state[p]["mu"] for p in params]
+        torch._foreach_mul_(mus, group["momentum"])
+        torch._foreach_add_(mus, grads)
+        torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
 def param_groups_no_decay_1d(model: nn.Module, weight_decay: float) -> list[dict]:
