@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import socket
+import struct
 import subprocess
 import sys
 import traceback
@@ -95,3 +97,10 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300, **env: str) -> sub
     """`torchrun --standalone --nproc_per_node=nproc` on CPU (gloo)."""
     return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
                       timeout=timeout, **env)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a gzipped unsigned-byte IDX file (the MNIST / Fashion-MNIST format)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())

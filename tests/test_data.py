@@ -1,13 +1,10 @@
 """Datasets and the resumable sampler."""
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_image_folder
+from helpers import make_image_folder, write_idx
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist, read_idx, resolve_split_dir
 from selfsup.sampler import ResumableDistributedSampler, mix_seed, seeded
 
@@ -74,18 +71,12 @@ def test_seeded_block_is_reproducible_and_leaves_the_caller_stream_alone():
     assert mix_seed(1, 2, 3) != mix_seed(1, 2, 4) != mix_seed(2, 1, 3)
 
 
-def _write_idx(path, array):
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_fashion_mnist_reader_both_layouts(tmp_path):
     images = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
     for folder in (tmp_path / "debian", tmp_path / "tv" / "FashionMNIST" / "raw"):
         folder.mkdir(parents=True)
-        _write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
-        _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 7]))
+        write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 7]))
     for root in (tmp_path / "debian", tmp_path / "tv"):
         x, y = load_fashion_mnist(root, "test")
         assert x.shape == (2, 28, 28) and np.array_equal(x, images) and y.tolist() == [3, 7]
