@@ -13,7 +13,7 @@ as idx files, .gz or torchvision's FashionMNIST/raw.
 
 Budget: a few timed steps on a throwaway copy of the model measure the step time; the run is then
 planned as a whole number of steps that fits --budget-min of training (warmup and cosine decay
-over exactly those steps), and stops early if it still runs over. Evaluation is not counted in
+over exactly those steps), and is cut short if it runs 25% over (a busy machine). Evaluation is not counted in
 the budget; the wall time of everything is reported too.
 
 Reported on the test set, for the pretrained backbone and for two baselines:
@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "ssl"))
 
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.checkpoint import save_atomic  # noqa: E402
-from selfsup.data import FASHION_MNIST_DEBIAN, load_fashion_mnist  # noqa: E402
+from selfsup.data import FASHION_MNIST_CLASSES as CLASSES, FASHION_MNIST_DEBIAN, load_fashion_mnist  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
 from selfsup.engine import StepContext, compute_loss, train_one_epoch, unwrap  # noqa: E402
 from selfsup.inmemory import InMemoryImages  # noqa: E402
@@ -63,8 +63,6 @@ from selfsup.pipeline import build_memory_pipeline  # noqa: E402
 
 logger = logging.getLogger("fmnist_benchmark")
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
 # Recipes for ResNet-18 at 32 px on a CPU budget of minutes (a few epochs): the papers' methods
 # and augmentations (MoCo v2, BYOL, SimCLR presets), with the queue, momentum, temperature and
 # learning rates scaled to 60k images and ~1-3k steps. `lr` is for batch 256.
@@ -77,6 +75,9 @@ RECIPES: dict[str, dict] = {
                "model": {"dim": 128, "hidden_dim": 1024, "T": 0.2, "bn_splits": 1}},
 }
 METHOD_NAMES = {"moco": "MoCo v2", "byol": "BYOL", "simclr": "SimCLR"}
+# The planned steps may take this much longer than the budget (another job slowing the machine)
+# before the run is cut short; a cut run has not finished its learning-rate decay and says so.
+OVERRUN = 1.25
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -271,7 +272,7 @@ def pretrain(method: str, args, x_train: torch.Tensor, y_train: torch.Tensor, x_
     metrics = open(out / "metrics.jsonl", "w")
     chunk = steps_per_epoch if args.monitor_every <= 0 else max(1, round(args.monitor_every * steps_per_epoch))
     done, train_time = 0, 0.0
-    deadline = time.perf_counter() + args.budget_min * 60 * 1.05
+    deadline = time.perf_counter() + args.budget_min * 60 * OVERRUN
     ran_out = False
     while done < steps and not ran_out:
         epoch, start = divmod(done, steps_per_epoch)
