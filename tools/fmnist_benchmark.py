@@ -356,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                         y_test, args)
         ours = evaluate(f"{METHOD_NAMES[method]} pretrained", feats(enc, x_train), y_train, feats(enc, x_test),
                         y_test, args)
-        save_atomic({"arch": args.arch, "method": method, "small_stem": args.small_stem,
+        # The trained backbone in main_pretrain's layout, for main_lincls.py, main_knn.py and
+        # tools/show_neighbors.py (--image-size defaults to the recorded one).
+        save_atomic({"arch": args.arch, "method": method,
+                     "args": {"arch": args.arch, "method": method, "small_stem": args.small_stem,
+                              "image_size": args.image_size},
                      "state_dict": {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}},
                     out / "checkpoint.pth.tar")
         result = {"method": method, "name": METHOD_NAMES[method], "arch": args.arch, "image_size": args.image_size,
