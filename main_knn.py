@@ -22,7 +22,7 @@ from pathlib import Path
 
 from selfsup.builder import ARCHS
 from selfsup.checkpoint import CheckpointError, check_writable
-from selfsup.distributed import DistInfo, cleanup_distributed, init_distributed
+from selfsup.distributed import DistInfo, run_in_process_group
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
 from selfsup.data import DEMO_ROOT
 from selfsup.lincls import (UsageError, agree_on_error, build_probe, check_global_batch, default_output_dir,
@@ -96,11 +96,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    dist_info = init_distributed(args.device)
-    try:
-        return run(args, dist_info)
-    finally:
-        cleanup_distributed()
+    """Set up this process (and its process group), run, and return the exit status."""
+    return run_in_process_group(run, args, args.device)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from selfsup import launch
 from selfsup.builder import ARCHS
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT
-from selfsup.distributed import DistInfo, cleanup_distributed, init_distributed
+from selfsup.distributed import DistInfo, run_in_process_group
 from selfsup.engine import NonFiniteLossError
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import (TRAIN_AUGS, LinearProbe, Pretrained, SanityCheckError, UsageError, agree_on_error,
@@ -226,12 +226,8 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Set up one process, train or evaluate, and return the exit status."""
-    dist_info = init_distributed(args.device)
-    try:
-        return run(args, dist_info)
-    finally:
-        cleanup_distributed()
+    """Set up this process (and its process group), run, and return the exit status."""
+    return run_in_process_group(run, args, args.device)
 
 
 def lr_schedule(args: argparse.Namespace):

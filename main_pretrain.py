@@ -30,7 +30,7 @@ from selfsup import launch, recipes
 from selfsup.builder import ARCHS, METHODS, build_model, compile_networks
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT, resolve_split_dir, verify_images, find_samples
-from selfsup.distributed import DistInfo, cleanup_distributed, init_distributed
+from selfsup.distributed import DistInfo, run_in_process_group
 from selfsup.engine import AMP_DTYPES, NonFiniteLossError, StepContext, StopRequest, train_one_epoch, unwrap
 from selfsup.loader import PRESETS as AUG_PRESETS
 from selfsup.meters import MetricsWriter, setup_logging
@@ -221,12 +221,8 @@ def check_compatible(ckpt: dict, args: argparse.Namespace, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Set up one process, train, and return the exit status."""
-    dist_info = init_distributed(args.device)
-    try:
-        return train(args, dist_info)
-    finally:
-        cleanup_distributed()
+    """Set up this process (and its process group), train, and return the exit status."""
+    return run_in_process_group(train, args, args.device)
 
 
 # Bad input, reported as one message and exit status 2.

@@ -37,7 +37,7 @@ from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
 from selfsup.builder import ARCHS  # noqa: E402
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.distributed import DistInfo, barrier, cleanup_distributed, init_distributed  # noqa: E402
+from selfsup.distributed import DistInfo, barrier, run_in_process_group  # noqa: E402
 from selfsup.engine import NonFiniteLossError, unwrap  # noqa: E402
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
 from selfsup.sampler import ResumableDistributedSampler, gather_rng_states, restore_rng_state  # noqa: E402
@@ -161,11 +161,8 @@ def _plain(d: dict) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    dist_info = init_distributed(args.device)
-    try:
-        return run(args, dist_info)
-    finally:
-        cleanup_distributed()
+    """Set up this process (and its process group), run, and return the exit status."""
+    return run_in_process_group(run, args, args.device)
 
 
 def prepare(args: argparse.Namespace, dist_info: DistInfo):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,17 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 def cleanup_distributed() -> None:
     if is_dist_initialized():
         dist.destroy_process_group()
+
+
+def run_in_process_group(fn: Callable[..., int], args, device: str | None = None) -> int:
+    """`fn(args, dist_info)` inside this process's group (torchrun's environment, or none at
+    world size 1), which is torn down afterwards, also when `fn` raises. The entry scripts'
+    `main`."""
+    dist_info = init_distributed(device)
+    try:
+        return fn(args, dist_info)
+    finally:
+        cleanup_distributed()
 
 
 @torch.no_grad()
