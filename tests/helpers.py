@@ -57,6 +57,8 @@ def run_distributed(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -
     errors = [(out / f"rank{r}.err").read_text() for r in range(world_size) if (out / f"rank{r}.err").exists()]
     if errors or any(p.exitcode != 0 for p in procs):
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors or [str([p.exitcode for p in procs])]))
+    # The workers' own return values (numpy arrays, detections, ...) written moments ago by this
+    # test into its tmp folder - not a checkpoint, so the full unpickler is fine here.
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
