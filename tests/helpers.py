@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import socket
 import struct
@@ -57,9 +58,22 @@ def run_distributed(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -
     errors = [(out / f"rank{r}.err").read_text() for r in range(world_size) if (out / f"rank{r}.err").exists()]
     if errors or any(p.exitcode != 0 for p in procs):
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors or [str([p.exitcode for p in procs])]))
-    # The workers' own return values (numpy arrays, detections, ...) written moments ago by this
-    # test into its tmp folder - not a checkpoint, so the full unpickler is fine here.
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return [load_worker_result(out / f"rank{r}.pt") for r in range(world_size)]
+
+
+def load_worker_result(path: Path) -> Any:
+    """A worker's return value, loaded with weights_only=True: beyond torch's defaults only
+    numpy's array and dtype types (detection results) are allowed."""
+    allowed = []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        module, _, attr = name.rpartition(".")
+        if module.split(".")[0] != "numpy":
+            raise AssertionError(f"{path} holds objects other than tensors and numpy arrays: {name}")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    if allowed:  # arrays also rebuild their dtype's class, which the scan above does not list
+        allowed += [np.dtype] + [t for t in vars(np.dtypes).values() if isinstance(t, type)]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 24, flat: bool = False,
