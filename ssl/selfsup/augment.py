@@ -456,6 +456,17 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def fallback_crop_size(width: int, height: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(w, h) of RandomResizedCrop.get_params' fallback box, taken when no sampled box fits: the
+    whole image, cut to the nearest allowed aspect ratio (centred by the caller)."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return width, int(round(width / min(ratio)))
+    if in_ratio > max(ratio):
+        return int(round(height * max(ratio))), height
+    return width, height
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -481,14 +492,7 @@ def sample_crop_boxes(
     first = torch.argmax(ok.int(), dim=1, keepdim=True)  # index of the first fitting attempt
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     found = ok.any(dim=1)
-    # Fallback of get_params: the whole image, cut to the nearest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
+    fw, fh = fallback_crop_size(width, height, ratio)
     w = torch.where(found, w, float(fw))
     h = torch.where(found, h, float(fh))
     u = torch.rand(n, 2, generator=g, dtype=torch.float64)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .augment import TwoViewAugment, augment_generator
+from .augment import TwoViewAugment, augment_generator, fallback_crop_size
 from .data import ImageDataset
 from .loader import Preset, to_rgb
 
@@ -46,13 +46,7 @@ def sample_crop_box(
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
+    w, h = fallback_crop_size(width, height, ratio)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
