@@ -195,6 +195,9 @@ def checkpoint_state(model, optimizer, scaler, args, epoch: int, step: int, step
         "scaler": scaler.state_dict(),
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         "world_size": len(rng),
+        # What else a bitwise continuation needs to match (see resume()).
+        "num_threads": torch.get_num_threads(),
+        "device_type": next(core.parameters()).device.type,
         "rng": rng,
         "meters": meters or {},
     }
@@ -317,9 +320,24 @@ def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int, outp
     elif rng:
         logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not bitwise)",
                        len(rng), dist_info.world_size)
+    warn_if_not_bitwise(ckpt, dist_info)
     logger.info("resumed from %s: epoch %d, step %d (global step %d)", path, start["epoch"], start["step"],
                 ckpt.get("global_step", start["epoch"] * steps_per_epoch + start["step"]))
     return start
+
+
+def warn_if_not_bitwise(ckpt: dict, dist_info: DistInfo) -> None:
+    """Resume is bitwise only on the same kind of device with the same CPU thread count: on some
+    CPUs (seen on AVX-512 machines) oneDNN picks other kernels, and so other summation orders, for
+    another number of threads. Say so when either changed since the checkpoint was written."""
+    threads, device = ckpt.get("num_threads"), ckpt.get("device_type")
+    if threads is not None and threads != torch.get_num_threads():
+        logger.warning("checkpoint written with %d CPU thread(s) per process, this run has %d: the run continues "
+                       "correctly, but not bit for bit as an uninterrupted one would (OMP_NUM_THREADS=%d resumes bitwise)",
+                       threads, torch.get_num_threads(), threads)
+    if device is not None and device != dist_info.device.type:
+        logger.warning("checkpoint written on %s, this run is on %s: the run continues correctly, but not bit "
+                       "for bit as an uninterrupted one would", device, dist_info.device.type)
 
 
 def _no_buffer_sync() -> dict:

@@ -20,6 +20,12 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Intra-op CPU threads of every process the tests start (and of pytest itself, see conftest.py).
+# A run's floating-point result depends on it on some CPUs (oneDNN picks other kernels, and so
+# other summation orders, for another thread count: seen on AVX-512 machines, not on AVX2 ones),
+# so every comparison of runs must use one value, whatever OMP_NUM_THREADS the caller's shell has.
+THREADS = 1
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +36,7 @@ def free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
@@ -95,10 +101,11 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: in
 
 
 def script_env(**extra: str) -> dict[str, str]:
-    """Environment for running the entry scripts in a subprocess against this checkout."""
+    """Environment for running the entry scripts in a subprocess against this checkout, with
+    THREADS intra-op threads (overriding the caller's OMP_NUM_THREADS: see THREADS)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "ssl") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)
     env.update(extra)
     return env
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import main_pretrain
-from helpers import REPO, free_port, make_image_folder, run_script, script_env, torchrun
+from helpers import REPO, THREADS, free_port, make_image_folder, run_script, script_env, torchrun
 from selfsup.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
 # 24 images, global batch 8: 3 steps per epoch, 2 epochs = 6 steps.
@@ -25,11 +25,17 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ft") / "imgs", classes=2, per_class=12, size=20)
 
 
+# Bitwise comparisons are like with like: the reference and the runs it is compared with are
+# processes started the same way, with the same thread count (helpers.THREADS) and backend. Only
+# the number of loader workers may differ, which the project makes irrelevant.
+
+
 @pytest.fixture(scope="module")
 def reference_1proc(folder, tmp_path_factory):
-    """An uninterrupted one-process run (in this process, no loader workers)."""
+    """An uninterrupted one-process run (a fresh process, no loader workers)."""
     out = tmp_path_factory.mktemp("ref1")
-    assert main_pretrain.cli([str(folder), *RUN, "-j", "0", "--output-dir", str(out)]) == 0
+    r = run_script(["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return load(out / "checkpoint.pth.tar")
 
 
@@ -120,6 +126,23 @@ def test_sigterm_writes_a_resumable_checkpoint(folder, tmp_path, reference_1proc
     resumed = run_script(["main_pretrain.py", *args])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_resume_with_another_thread_count_says_it_is_not_bitwise(folder, tmp_path):
+    out = tmp_path / "run"
+    first = run_script(["main_pretrain.py", str(folder), *RUN, "--epochs", "1", "-j", "0", "--output-dir", str(out)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load(out / "checkpoint.pth.tar")["num_threads"] == THREADS
+    args = ["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out), "--epochs", "2"]
+    same = subprocess.run([sys.executable, *args[:-1], "3"], cwd=REPO, env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert same.returncode == 0 and "bit for bit" not in same.stdout, same.stdout[-3000:]
+    more = str(THREADS + 1)
+    other = subprocess.run([sys.executable, *args[:-1], "4"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**script_env(), "OMP_NUM_THREADS": more, "MKL_NUM_THREADS": more})
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert f"written with {THREADS} CPU thread(s) per process, this run has {THREADS + 1}" in other.stdout
+    assert f"OMP_NUM_THREADS={THREADS} resumes bitwise" in other.stdout
 
 
 # ---------------------------------------------------------------------------------------------- bad data
