@@ -22,7 +22,7 @@ from pathlib import Path
 
 from selfsup.builder import ARCHS
 from selfsup.checkpoint import CheckpointError, check_writable
-from selfsup.distributed import DistInfo, run_in_process_group
+from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
 from selfsup.data import DEMO_ROOT
 from selfsup.lincls import (UsageError, agree_on_error, build_probe, check_global_batch, default_output_dir,
@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default=None, type=int,
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")
     p.add_argument("--output-dir", default=None, help="where the log and metrics go (default: next to the checkpoint, in knn/)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_device_args(p)
     return p
 
 

@@ -34,7 +34,7 @@ from selfsup import launch
 from selfsup.builder import ARCHS
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT
-from selfsup.distributed import DistInfo, run_in_process_group
+from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.engine import NonFiniteLossError
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import (TRAIN_AUGS, LinearProbe, Pretrained, SanityCheckError, UsageError, agree_on_error,
@@ -91,8 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")
     p.add_argument("--output-dir", default=None,
                    help="where checkpoints and logs go (default: next to the pretrained checkpoint, in lincls/)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--gpu", default=None, type=int, help="MoCo's flag: GPU id for a single process (= --device cuda:N)")
+    add_device_args(p, moco_gpu=True)
     launch.add_moco_launcher_args(p)
     return p
 
@@ -105,8 +104,6 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     # The demo trains on cached features: the whole MoCo schedule (100 epochs) in seconds.
     out.train_aug = args.train_aug or ("none" if out.demo else "standard")
     out.workers = args.workers if args.workers is not None else (1 if out.demo else 8)
-    if out.gpu is not None:
-        out.device = f"cuda:{out.gpu}"
     if out.output_dir is None:
         if out.pretrained:
             out.output_dir = str(default_output_dir(out.pretrained, "lincls"))

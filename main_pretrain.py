@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from selfsup import launch, recipes
 from selfsup.builder import ARCHS, METHODS, build_model, compile_networks
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic
 from selfsup.data import DEMO_ROOT, resolve_split_dir, verify_images, find_samples
-from selfsup.distributed import DistInfo, run_in_process_group
+from selfsup.distributed import (DistInfo, add_device_args, all_reduce_sum, broadcast_buffers_, broadcast_object,
+                                 run_in_process_group)
 from selfsup.engine import AMP_DTYPES, NonFiniteLossError, StepContext, StopRequest, train_one_epoch, unwrap
 from selfsup.loader import PRESETS as AUG_PRESETS
 from selfsup.meters import MetricsWriter, setup_logging
@@ -99,8 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="3x3 stride-1 stem without max-pool, for 28-64 pixel images")
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision (default: none)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--gpu", default=None, type=int, help="MoCo's flag: GPU id for a single process (= --device cuda:N)")
+    add_device_args(p, moco_gpu=True)
     p.add_argument("--aug-backend", default="auto", choices=BACKENDS,
                    help="where augmentation runs (docs/PERFORMANCE.md): batched = decode + crops in the workers, "
                         "colour on the device; memory = the whole dataset in memory, everything batched on the "
@@ -147,8 +146,6 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.demo = demo
     if demo:
         out.data = str(DEMO_ROOT)
-    if out.gpu is not None:
-        out.device = f"cuda:{out.gpu}"
     if out.output_dir is None:
         out.output_dir = os.path.join("runs", f"{out.method}-{out.arch}" + ("-demo" if demo else ""))
     return out
@@ -199,7 +196,7 @@ def checkpoint_state(model, optimizer, scaler, args, epoch: int, step: int, step
         "num_threads": torch.get_num_threads(),
         "device_type": next(core.parameters()).device.type,
         "rng": rng,
-        "meters": meters or {},
+        "meters": {k: float(v) for k, v in (meters or {}).items()},  # plain numbers (loss_sum is on the device)
     }
 
 
@@ -235,8 +232,9 @@ _INPUT_ERRORS = (UsageError, CheckpointError, FileNotFoundError, NotADirectoryEr
 def prepare(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs and build data, model and optimizer. Raises one of _INPUT_ERRORS on bad input."""
     local_batch = check_batch(args.batch_size, dist_info.world_size)
-    if args.sync_bn and dist_info.device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); use --bn-splits on CPU")
+    if args.sync_bn and (dist_info.device.type != "cuda" or dist_info.backend == "gloo"):
+        raise UsageError("--sync-bn needs CUDA devices and NCCL (SyncBatchNorm has no CPU kernel); use --bn-splits on "
+                         "a CPU or with --dist-backend gloo")
     output_dir = Path(args.output_dir)
     if dist_info.is_main:
         check_writable(output_dir)
@@ -283,10 +281,7 @@ def read_resume_checkpoint(path: Path, required: bool, dist_info: DistInfo) -> d
             payload = load_checkpoint(path)
         except CheckpointError as e:
             payload = str(e)
-    if dist_info.distributed:
-        box = [payload]
-        dist.broadcast_object_list(box, src=0, device=dist_info.device if dist_info.device.type == "cuda" else None)
-        payload = box[0]
+    payload = broadcast_object(payload, src=0)
     if isinstance(payload, str):
         raise CheckpointError(payload)
     return payload
@@ -308,7 +303,7 @@ def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int, outp
         raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/"
                          f"--mlp-dim?): {str(e).splitlines()[0]} ...") from e
     if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(without_stateless_extras(ckpt["optimizer"], optimizer))
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
@@ -324,6 +319,26 @@ def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int, outp
     logger.info("resumed from %s: epoch %d, step %d (global step %d)", path, start["epoch"], start["step"],
                 ckpt.get("global_step", start["epoch"] * steps_per_epoch + start["step"]))
     return start
+
+
+def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict of an older version, fitted to `optimizer`.
+
+    Before 2026-11-30 the key/target network's BatchNorm parameters under --bn-splits were left
+    trainable (they never received gradients), so the optimizer listed them after the trained
+    parameters, without any state. Dropping those trailing, stateless entries lets such a
+    checkpoint resume exactly; anything else is left for load_state_dict to judge.
+    """
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        return saved
+    fitted = []
+    for theirs, ours in zip(groups, optimizer.param_groups):
+        extra = theirs["params"][len(ours["params"]):]
+        if extra and not any(i in saved.get("state", {}) for i in extra):
+            theirs = {**theirs, "params": theirs["params"][: len(ours["params"])]}
+        fitted.append(theirs)
+    return {**saved, "param_groups": fitted}
 
 
 def warn_if_not_bitwise(ckpt: dict, dist_info: DistInfo) -> None:
@@ -351,11 +366,7 @@ def _no_buffer_sync() -> dict:
 def _all_ok(ok: bool, dist_info: DistInfo) -> bool:
     """True when every process is ok: a process that found bad input stops all of them, never
     leaving the others waiting in a collective."""
-    if not dist_info.distributed:
-        return ok
-    t = torch.tensor([0.0 if ok else 1.0], device=dist_info.device)
-    dist.all_reduce(t)
-    return t.item() == 0
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0])).item() == 0
 
 
 def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
@@ -382,9 +393,9 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
         logger.info("No data folder given: training on the embedded demo (%s).", pipeline.description)
     else:
         logger.info("Data: %s", pipeline.description)
-    logger.info("%s %s, %d process(es) on %s, global batch %d, lr %.4g (%s), %d epochs -> %s", args.method,
-                args.arch, dist_info.world_size, dist_info.device, args.batch_size, args.lr, args.optimizer,
-                args.epochs, output_dir)
+    logger.info("%s %s, %d process(es) on %s%s, global batch %d, lr %.4g (%s), %d epochs -> %s", args.method,
+                args.arch, dist_info.world_size, dist_info.device, f" ({dist_info.backend})" if dist_info.backend else "",
+                args.batch_size, args.lr, args.optimizer, args.epochs, output_dir)
     if start["epoch"] >= args.epochs:
         logger.info("%s already holds a finished run of %d epochs; nothing to do (raise --epochs to train more, "
                     "or use another --output-dir).", output_dir, args.epochs)
@@ -430,6 +441,9 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
             stats = train_one_epoch(ddp_model, pipeline.loader, pipeline.to_device, optimizer, scaler, epoch,
                                     start_step, ctx, after_step,
                                     start["meters"] if epoch == start["epoch"] else None)
+            # One model on every process before it is saved and evaluated: the BatchNorm running
+            # statistics of each process followed its own batches (see broadcast_buffers_).
+            broadcast_buffers_(model)
             if stats["stopped_at"] is not None and stats["stopped_at"] < steps_per_epoch:
                 save(epoch, stats["stopped_at"], None)
                 logger.info("stop signal %s: checkpoint written at epoch %d step %d; rerun the same command to resume",

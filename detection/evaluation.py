@@ -18,8 +18,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from selfsup.distributed import all_gather_objects
 
 from .datasets import DetectionDataset, collate
 
@@ -61,8 +62,7 @@ def run_inference(model: nn.Module, dataset: DetectionDataset, device: torch.dev
             logger.info("inference: %d/%d images on rank 0", len(local), len(subset))
     model.train(was_training)
     if world_size > 1:
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, local)
+        gathered = all_gather_objects(local)
         if rank != 0:
             return None
         local = [item for part in gathered for item in part]

@@ -37,7 +37,7 @@ from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
 from selfsup.builder import ARCHS  # noqa: E402
 from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.distributed import DistInfo, barrier, run_in_process_group  # noqa: E402
+from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group  # noqa: E402
 from selfsup.engine import NonFiniteLossError, unwrap  # noqa: E402
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
 from selfsup.sampler import ResumableDistributedSampler, gather_rng_states, restore_rng_state  # noqa: E402
@@ -116,7 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading workers per process")
     p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N iterations (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order and sampling (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_device_args(p)
     return p
 
 

@@ -34,6 +34,36 @@ def images(n=4, seed=0):
 # ---------------------------------------------------------------------------------------------- MoCo
 
 
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_split_batchnorm_keeps_the_key_network_frozen(method):
+    # A trainable parameter without gradients makes DDP fail at the second step.
+    model = build_model(method, "resnet18", bn_splits=2, dim=16, **({"hidden_dim": 32} if method == "byol" else {}))
+    assert any(isinstance(m, SplitBatchNorm) for m in model.encoder_k.modules())
+    assert not any(p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.requires_grad for p in model.encoder_q.parameters())
+
+
+def test_moco_logits_are_float32_under_bf16_autocast():
+    # bf16 resolves a logit of about 14 (cosine 0.98 / T 0.07) only to about 0.06: the logits must be
+    # computed in float32 from whatever half-precision features the encoders give.
+    torch.manual_seed(0)
+    model = MoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.07)
+    queue = model.queue.clone()
+    seen = {}
+    model.encoder_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o.detach()))
+    model.encoder_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o.detach()))
+    x1, x2 = images(n=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x1, x2)
+    assert seen["q"].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    q = F.normalize(seen["q"].double(), dim=1)  # independent: float64 from the same features
+    k = F.normalize(seen["k"].double(), dim=1)
+    expected = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.double()], dim=1) / 0.07
+    torch.testing.assert_close(logits.double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(model.queue[:, :8].double(), k.T, atol=1e-6, rtol=0)
+
+
+
 def test_moco_attributes_and_shapes():
     torch.manual_seed(0)
     model = MoCo(tiny_encoder, dim=16, K=12, m=0.9, T=0.2)

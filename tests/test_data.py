@@ -71,6 +71,21 @@ def test_seeded_block_is_reproducible_and_leaves_the_caller_stream_alone():
     assert mix_seed(1, 2, 3) != mix_seed(1, 2, 4) != mix_seed(2, 1, 3)
 
 
+def test_seeded_block_leaves_every_cuda_generator_alone(monkeypatch):
+    # torch.manual_seed would reseed every CUDA generator (or queue that for when CUDA starts):
+    # with loading in the main process the GPU's stream would restart at every sample.
+    def forbidden(*args, **kwargs):
+        raise AssertionError("seeded() reseeded a CUDA generator")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", forbidden)
+    with seeded(7):
+        a = torch.rand(2)
+    with seeded(7):
+        assert torch.equal(torch.rand(2), a)
+
+
 def test_fashion_mnist_reader_both_layouts(tmp_path):
     images = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
     for folder in (tmp_path / "debian", tmp_path / "tv" / "FashionMNIST" / "raw"):

@@ -168,10 +168,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     r = inject("nan:3", [str(folder), *RUN, "-j", "0", "--save-every-steps", "1", "--output-dir", str(out)])
     assert r.returncode == 1
-    assert "loss is nan at epoch 0, step 2 (global step 2)" in r.stdout
+    assert "loss is not finite at epoch 0, step 2 (global step 2) on 1 of 1 process(es) (here: nan)" in r.stdout
     assert "Last good checkpoint" in r.stdout
     ckpt = load(out / "checkpoint.pth.tar")
     assert ckpt["global_step"] == 2  # written after the last good step, never with NaN weights
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_loss_on_one_of_two_processes_stops_both_before_the_step(folder, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(2, ["tests/fault_inject.py", str(folder), *RUN, "-j", "0", "--save-every-steps", "1",
+                     "--output-dir", str(out)], FAULT="nan:3", FAULT_RANK="1")
+    assert r.returncode != 0
+    log = r.stdout + r.stderr
+    assert "on 1 of 2 process(es)" in log and "Last good checkpoint" in log, log[-3000:]
+    ckpt = load(out / "checkpoint.pth.tar")
+    assert ckpt["global_step"] == 2 and ckpt["world_size"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

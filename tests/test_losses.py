@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from selfsup.losses import byol_loss, nt_xent
 
@@ -59,3 +60,17 @@ def test_byol_loss_is_two_minus_two_cos():
     torch.testing.assert_close(byol_loss(p, z), expected)
     assert torch.allclose(byol_loss(p, p), torch.zeros(6), atol=1e-6)
     assert torch.allclose(byol_loss(p, -p), torch.full((6,), 4.0), atol=1e-6)
+
+
+def test_nt_xent_and_byol_loss_are_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(16, 32, generator=g)
+    z1 = (base + 0.1 * torch.randn(16, 32, generator=g)).bfloat16()  # pairs close together: large logits
+    z2 = (base + 0.1 * torch.randn(16, 32, generator=g)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nt_xent(z1, z2, 0.1)
+        regression = byol_loss(z1, z2)
+    assert loss.dtype == torch.float32 and regression.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), naive_nt_xent(z1.double(), z2.double(), 0.1), atol=1e-5, rtol=0)
+    expected = 2 - 2 * F.cosine_similarity(z1.double(), z2.double(), dim=-1)
+    torch.testing.assert_close(regression.double(), expected, atol=1e-6, rtol=0)

@@ -9,7 +9,7 @@ import torch
 
 import main_knn
 import main_pretrain
-from helpers import make_image_folder
+from helpers import make_image_folder, torchrun
 from selfsup.engine import embedding_std
 from selfsup.monitor import check_collapse, collapse_ratio
 
@@ -17,14 +17,14 @@ from selfsup.monitor import check_collapse, collapse_ratio
 
 def test_collapse_signal_on_constant_and_spread_embeddings(caplog):
     constant = torch.ones(64, 32) * torch.randn(1, 32)  # every sample the same embedding
-    assert embedding_std(constant) == pytest.approx(0.0, abs=1e-7)
+    assert float(embedding_std(constant)) == pytest.approx(0.0, abs=1e-7)
     with caplog.at_level(logging.WARNING):
-        assert check_collapse(embedding_std(constant), 32, epoch=3)
+        assert check_collapse(float(embedding_std(constant)), 32, epoch=3)
     assert "collapsing" in caplog.text and "epoch 3" in caplog.text
     torch.manual_seed(0)
     spread = torch.randn(4000, 32)  # isotropic: per-dim std of the normalised vectors ~ 1/sqrt(32)
-    assert collapse_ratio(embedding_std(spread), 32) == pytest.approx(1.0, abs=0.05)
-    assert not check_collapse(embedding_std(spread), 32, epoch=0)
+    assert collapse_ratio(float(embedding_std(spread)), 32) == pytest.approx(1.0, abs=0.05)
+    assert not check_collapse(float(embedding_std(spread)), 32, epoch=0)
 
 
 def test_online_knn_equals_main_knn_on_the_final_checkpoint(tmp_path):
@@ -44,6 +44,36 @@ def test_online_knn_equals_main_knn_on_the_final_checkpoint(tmp_path):
                          "-j", "0", "--output-dir", str(tmp_path / "knn")]) == 0
     knn = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])
     assert knn["top1"] == pytest.approx(records[-1]["knn_top1"])
+
+
+def test_online_knn_under_two_processes_evaluates_one_model(tmp_path):
+    # DDP broadcasts no buffers here, so each process's BatchNorm statistics follow its own batches;
+    # the evaluation must still see one model - the one the checkpoint holds (rank 0's).
+    root = tmp_path / "data"
+    make_image_folder(root / "train", classes=2, per_class=12, size=20, seed=1)
+    make_image_folder(root / "val", classes=2, per_class=5, size=20, seed=2)
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    r = torchrun(2, ["tests/probe_eval.py", str(root), "--method", "moco", "-a", "resnet18", "--image-size", "16",
+                     "-b", "8", "--epochs", "2", "--moco-k", "16", "--moco-dim", "16", "-j", "0", "--knn-every", "1",
+                     "--knn-k", "5", "-p", "100", "--output-dir", str(out)], PROBE_DIR=str(probe))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
+    for n in (0, 1):  # the evaluations after epochs 0 and 1
+        rank0, rank1 = load(probe / f"rank0_{n}.pt"), load(probe / f"rank1_{n}.pt")
+        assert len(rank0) == 40  # resnet18: 20 BatchNorm layers
+        for k in rank0:
+            assert torch.equal(rank0[k], rank1[k]), k
+    state = load(out / "checkpoint.pth.tar")["state_dict"]
+    for k, v in rank0.items():
+        assert torch.equal(v, state[f"module.encoder_q.{k}"]), k
+    # main_knn.py on the saved checkpoint, with the same processes and batches, gets the same kNN.
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    r = torchrun(2, ["main_knn.py", str(root), "--pretrained", str(out / "checkpoint.pth.tar"), "--k", "5", "-b", "8",
+                     "-j", "0", "--output-dir", str(tmp_path / "knn")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    knn = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (knn["top1"], knn["top5"]) == (records[-1]["knn_top1"], records[-1]["knn_top5"])
 
 
 def test_plot_metrics_writes_a_png(tmp_path, repo):

@@ -59,6 +59,20 @@ def test_torchrun_two_processes(method, folder, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
+@pytest.mark.parametrize("method", ["moco", "simclr"])
+def test_a_process_group_of_one_changes_nothing(method, folder, tmp_path):
+    # --dist-backend makes a group (and a DDP wrapper) at world size 1 too, which is how one GPU runs
+    # the NCCL code path; every collective over one process is then an identity.
+    runs = {}
+    for name, extra in (("plain", []), ("group", ["--dist-backend", "gloo"])):
+        r = run_script(["main_pretrain.py", str(folder), "--method", method, *TINY, *METHOD_FLAGS[method],
+                        "--output-dir", str(tmp_path / name), *extra])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = (r.stdout, load(tmp_path / name / "checkpoint.pth.tar"))
+    assert "1 process(es) on cpu (gloo)" in runs["group"][0] and "(gloo)" not in runs["plain"][0]
+    assert_same_state(runs["plain"][1], runs["group"][1])
+
+
 def assert_same_state(a, b):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
@@ -128,3 +142,20 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     assert pretrain(folder, "--method", "byol", *TINY, "-a", "resnet34", "--output-dir", out) == 2
     assert "arch 'resnet18'" in capsys.readouterr().out
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
+
+
+def test_optimizer_state_of_an_older_version_with_gradless_extras_still_loads():
+    # Older versions left the key network's BatchNorm parameters trainable under --bn-splits: the
+    # optimizer listed them last, without any state.
+    trained = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    extras = [torch.nn.Parameter(torch.randn(3))]
+    old = torch.optim.SGD(trained + extras, lr=0.1, momentum=0.9)
+    sum((p ** 2).sum() for p in trained).backward()
+    old.step()
+    saved = old.state_dict()
+    assert saved["param_groups"][0]["params"] == [0, 1, 2] and set(saved["state"]) == {0, 1}
+    new = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+    new.load_state_dict(main_pretrain.without_stateless_extras(saved, new))
+    assert torch.equal(new.state[trained[1]]["momentum_buffer"], old.state[trained[1]]["momentum_buffer"])
+    with pytest.raises(ValueError):  # without the fitting, torch refuses it
+        torch.optim.SGD(trained, lr=0.1, momentum=0.9).load_state_dict(saved)

@@ -8,6 +8,8 @@ same way whatever the method.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import sys
 from functools import partial
 from typing import Callable
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, get_world_size
-from .losses import byol_loss, nt_xent
+from .losses import at_least_fp32, byol_loss, full_precision, nt_xent
 
 METHODS = ("moco", "byol", "simclr")
 
@@ -105,6 +107,9 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
         )
         new.load_state_dict(module.state_dict())
         new.to(module.running_mean.device if module.running_mean is not None else "cpu")
+        if module.affine:  # a frozen (key/target) network stays frozen: DDP must not wait for its gradients
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
         return new
     for name, child in module.named_children():
         setattr(module, name, convert_split_batchnorm(child, num_splits))
@@ -160,6 +165,12 @@ def _feature_dim(encoder: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 # Methods
 # ----------------------------------------------------------------------------------------------
+
+
+def _forget_host_queue_ptr(module: nn.Module, incompatible_keys) -> None:
+    """After a load, MoCo re-reads its queue pointer from the buffer (a function, not a lambda,
+    so the model still pickles)."""
+    module._ptr = None
 
 
 class MoCo(nn.Module):
@@ -223,6 +234,10 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # dim x K
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # A host copy of queue_ptr: reading the buffer on a GPU every step would make the host
+        # wait for the accelerator. Re-read once after construction and after every load.
+        self._ptr: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_queue_ptr)
 
         convert_split_batchnorm(self.encoder_q, bn_splits)
         convert_split_batchnorm(self.encoder_k, bn_splits)
@@ -241,7 +256,7 @@ class MoCo(nn.Module):
                 f"MoCo queue size K={self.K} is smaller than the global batch size {batch}; "
                 "use K >= the global batch size."
             )
-        ptr = int(self.queue_ptr)
+        ptr = int(self.queue_ptr) if self._ptr is None else self._ptr
         end = ptr + batch
         keys = keys.to(self.queue.dtype)
         if end <= self.K:
@@ -250,7 +265,8 @@ class MoCo(nn.Module):
             first = self.K - ptr
             self.queue[:, ptr:] = keys[:first].T
             self.queue[:, : batch - first] = keys[first:].T
-        self.queue_ptr[0] = end % self.K
+        self.queue_ptr.fill_(end % self.K)
+        self._ptr = end % self.K
 
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -265,22 +281,25 @@ class MoCo(nn.Module):
             k = k[torch.argsort(perm)]
         else:
             k = self.encoder_k(im_k)
-        k = F.normalize(k, dim=1)  # N x dim
+        with full_precision(k):
+            k = F.normalize(at_least_fp32(k), dim=1)  # N x dim, float32 also under --amp
         if shuffle_across:
             k = batch_unshuffle(k, idx_unshuffle)
         return k
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """im_q, im_k: N x 3 x H x W. Returns logits N x (1+K) (positive in column 0, divided by T)
-        and labels N (all zero)."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # N x dim
-        self.last_z = q.detach()
+        and labels N (all zero). The logits are float32 also under --amp (see full_precision)."""
+        q = self.encoder_q(im_q)  # N x dim
         with torch.no_grad():
             self._momentum_update_key_encoder()
             k = self._keys(im_k)  # N x dim
-        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
-        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+        with full_precision(q):
+            q = F.normalize(at_least_fp32(q), dim=1)
+            self.last_z = q.detach()
+            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
+            l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._dequeue_and_enqueue(k)
         return logits, labels
@@ -443,6 +462,8 @@ def compile_networks(model: nn.Module, device: torch.device) -> str | None:
             from torch._inductor import cpp_builder
 
             cpp_builder.get_cpp_compiler()  # raises without a C++ compiler
+        elif not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
+            return "no C compiler found, which Triton needs to build its kernels' launchers (set CC)"
     except Exception as e:  # an unsupported platform shows up as many kinds of errors
         return f"{type(e).__name__}: {e}"
     for name in ("encoder_q", "encoder_k", "predictor"):

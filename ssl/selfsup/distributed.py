@@ -2,17 +2,30 @@
 
 Every helper here is an identity (or a constant) when no process group is initialised, so the
 models and the training loop never branch on "am I distributed?".
+
+Every collective of the project goes through this module (tests/test_distributed.py scans the
+sources for any other call). The helpers move their tensors to the process group's device and
+give the results back on the caller's device: NCCL serves CUDA tensors only ("No backend type
+associated with device type cpu"), and gloo, which the CPU tests use, accepts anything, so a CPU
+tensor handed to a collective would pass every test and crash the first multi-GPU run.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    backend: str | None = None  # the process group's backend; None when there is no group
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +44,9 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists: collectives run and the model is wrapped in DDP. Usually
+        world_size > 1; an explicit --dist-backend also makes a group of one process."""
+        return self.backend is not None
 
 
 def is_dist_initialized() -> bool:
@@ -51,62 +67,144 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def group_device() -> torch.device:
+    """Where the tensors of a collective must be: the current GPU for NCCL, the CPU otherwise
+    (gloo; it also takes CUDA tensors for some collectives but not all, so the CPU is the one
+    device that always works)."""
+    if is_dist_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_group_device(x: torch.Tensor, copy: bool) -> torch.Tensor:
+    """`x` on the group's device, contiguous; a copy (which an in-place collective may overwrite)
+    when `copy`, else only moved where it has to be."""
+    x = x.detach().to(group_device(), copy=copy)
+    return x.contiguous()
+
+
 def barrier() -> None:
-    if get_world_size() > 1:
+    if is_dist_initialized():
         dist.barrier()
 
 
-def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """`requested` is 'cpu', 'cuda', 'cuda:N' or None (CUDA when available, else CPU).
+# ----------------------------------------------------------------------------------------------
+# Setting up a process: device and process group
+# ----------------------------------------------------------------------------------------------
 
-    For 'cuda' without an index the process takes GPU `local_rank`, one process per GPU.
+
+def add_device_args(p: argparse.ArgumentParser, moco_gpu: bool = False) -> None:
+    """--device and --dist-backend (and MoCo's --gpu) for the entry scripts."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; with several "
+                                                  "processes 'cuda' means GPU LOCAL_RANK)")
+    p.add_argument("--dist-backend", default="auto", choices=BACKENDS,
+                   help="process-group backend: auto (default) = nccl on CUDA, gloo on the CPU; nccl or gloo also "
+                        "make a group of one process, and gloo lets several processes share one GPU (testing)")
+    if moco_gpu:
+        p.add_argument("--gpu", default=None, type=int,
+                       help="MoCo's flag: GPU id of a single process (= --device cuda:N); with several processes "
+                            "each takes GPU LOCAL_RANK, as in MoCo")
+
+
+def choose_device(requested: str | None, gpu: int | None, local_rank: int, world_size: int,
+                  cuda_count: int, warn: bool = True) -> torch.device:
+    """The device of this process, from --device (`requested`: 'cpu', 'cuda', 'cuda:N' or None
+    for CUDA when available), MoCo's --gpu, this process's LOCAL_RANK and the visible GPU count.
+
+    'cuda' without an index means GPU `local_rank`: one process per GPU. MoCo's `--gpu N` picks
+    the GPU of a single process; with several processes MoCo itself overrides it with the local
+    rank, and so does this function, with a warning (every process on GPU N would make NCCL fail
+    with a duplicate-GPU error). Raises ValueError with the fix when the request cannot be met.
     """
+    if gpu is not None:
+        if world_size > 1:
+            if warn:
+                logger.warning("--gpu %d selects the GPU of a single process; with %d processes each takes GPU "
+                               "LOCAL_RANK instead, as facebookresearch/moco does", gpu, world_size)
+            requested = "cuda"
+        else:
+            requested = f"cuda:{gpu}"
     if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+        requested = "cuda" if cuda_count else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as e:
+        raise ValueError(f"--device {requested} is not a device: use cpu, cuda or cuda:N") from e
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"--device {requested} was asked for but CUDA is not available on this machine; "
-                "use --device cpu (or leave --device unset to pick automatically)."
-            )
-        if device.index is None:
-            if local_rank >= torch.cuda.device_count():
-                raise RuntimeError(
-                    f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                    "start at most one process per GPU (--nproc_per_node)."
-                )
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        if not cuda_count:
+            raise ValueError(f"--device {requested} was asked for but CUDA is not available on this machine; use "
+                             "--device cpu (or leave --device unset to pick automatically)")
+        index = local_rank if device.index is None else device.index
+        if index >= cuda_count:
+            raise ValueError(
+                f"this process needs GPU {index} but only {cuda_count} GPU(s) are visible; "
+                + ("start at most one process per GPU (--nproc_per_node)" if device.index is None
+                   else f"use --device cuda:N with N < {cuda_count}"))
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"--device {requested}: only cpu and cuda devices are supported")
     return device
 
 
-def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
-    """Set up the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT).
+def choose_backend(requested: str, device: torch.device, world_size: int, local_world_size: int,
+                   explicit_index: bool) -> str:
+    """The process group's backend: `requested` ('nccl', 'gloo' or 'auto': nccl on CUDA, gloo on
+    the CPU), checked against the device. Raises ValueError with the fix."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown --dist-backend '{requested}'; valid: {', '.join(BACKENDS)}")
+    backend = ("nccl" if device.type == "cuda" else "gloo") if requested == "auto" else requested
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("--dist-backend nccl needs CUDA devices but this process runs on the CPU; use "
+                         "--dist-backend gloo (or auto)")
+    if backend == "nccl" and explicit_index and local_world_size > 1:
+        raise ValueError(
+            f"--device {device} puts all {local_world_size} processes of this node on one GPU, which NCCL refuses; "
+            "use --device cuda (each process takes GPU LOCAL_RANK), or --dist-backend gloo to share one GPU "
+            "between processes (slower; for testing)")
+    return backend
 
-    Without those variables (or with WORLD_SIZE=1) this is a single process and no process group
-    is created. The backend is nccl for CUDA devices and gloo for CPU.
+
+def init_distributed(device: str | None = None, backend: str = "auto", gpu: int | None = None,
+                     timeout_minutes: float = 30.0) -> DistInfo:
+    """Pick this process's device and set up its process group from torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+    With `backend` 'auto' a single process (no such variables, or WORLD_SIZE=1) gets no group.
+    An explicit 'nccl' or 'gloo' always makes one, at world size 1 too, so that one GPU runs the
+    NCCL code path (torchrun's variables, or a group of this process alone). Raises ValueError
+    with the fix when the device or backend cannot work.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
-    if world_size > 1 and not is_dist_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        kwargs = {}
-        if dev.type == "cuda":
-            kwargs["device_id"] = dev  # binds NCCL to this GPU, avoids a guess inside barrier()
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun and our launcher set it
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = choose_device(device, gpu, local_rank, world_size, cuda_count, warn=rank == 0)
+    explicit_index = gpu is None and device is not None and ":" in device
+    name = choose_backend(backend, dev, world_size, local_world_size, explicit_index)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # object collectives and NCCL use the current device
+    if is_dist_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                        backend=dist.get_backend())
+    if world_size == 1 and backend == "auto":
+        return DistInfo(rank=0, world_size=1, local_rank=local_rank, device=dev)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    kwargs = {"device_id": dev} if name == "nccl" else {}  # binds NCCL to this GPU, avoids a guess in barrier()
+    if "MASTER_ADDR" in os.environ:
         store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
         # torchrun shares its rendezvous store with the workers, so after a --max-restarts restart
         # the new group could read the dead group's addresses (pytorch/pytorch#135712) and fail to
         # connect. Each attempt gets its own key space.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"selfsup/attempt{attempt}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                **kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    elif world_size == 1:  # an explicit backend without a launcher: a group of this process alone
+        store = dist.HashStore()
+    else:
+        raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: start the processes with "
+                         "torchrun (or --multiprocessing-distributed), which sets them")
+    dist.init_process_group(backend=name, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=name)
 
 
 def cleanup_distributed() -> None:
@@ -117,12 +215,22 @@ def cleanup_distributed() -> None:
 def run_in_process_group(fn: Callable[..., int], args, device: str | None = None) -> int:
     """`fn(args, dist_info)` inside this process's group (torchrun's environment, or none at
     world size 1), which is torn down afterwards, also when `fn` raises. The entry scripts'
-    `main`."""
-    dist_info = init_distributed(device)
+    `main`; reads `args.dist_backend` and MoCo's `args.gpu` when they exist. A device or backend
+    that cannot work is reported as one line, exit status 2."""
+    try:
+        dist_info = init_distributed(device, getattr(args, "dist_backend", None) or "auto", getattr(args, "gpu", None))
+    except ValueError as e:
+        print(f"error: {e}", flush=True)
+        return 2
     try:
         return fn(args, dist_info)
     finally:
         cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives
+# ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -131,12 +239,12 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
     x: N x ... on every process (same N) -> (world_size * N) x ...
     """
-    world_size = get_world_size()
-    if world_size == 1:
+    if not is_dist_initialized():
         return x
-    out = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    xg = _on_group_device(x, copy=False)
+    out = [torch.empty_like(xg) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, xg)
+    return torch.cat(out, dim=0).to(x.device)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -152,25 +260,25 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world_size = dist.get_world_size()
-        out = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(out, x.contiguous())
+        xg = _on_group_device(x, copy=False)
+        out = [torch.empty_like(xg) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, xg)
         ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(out, dim=0)
+        return torch.cat(out, dim=0).to(x.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        total = _on_group_device(grad, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].to(grad.device)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all processes in rank order, passing gradients back (SimCLR).
 
-    x: N x C -> (world_size * N) x C. Identity at world size 1.
+    x: N x C -> (world_size * N) x C. Identity without a process group.
     """
-    if get_world_size() == 1:
+    if not is_dist_initialized():
         return x
     return _GatherWithGrad.apply(x)
 
@@ -188,8 +296,7 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if world_size == 1:
         return x, torch.arange(n, device=x.device)
     x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
+    perm = broadcast(torch.randperm(x_all.shape[0], device=x.device), src=0)
     idx_unshuffle = torch.argsort(perm)
     rank = get_rank()
     return x_all[perm.view(world_size, n)[rank]], idx_unshuffle
@@ -206,19 +313,67 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     return x_all[idx_unshuffle.view(world_size, n)[get_rank()]]
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over processes (a copy); identity at world size 1. For logging, not for gradients."""
-    if get_world_size() == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / get_world_size()
-
-
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (a copy); identity at world size 1."""
-    if get_world_size() == 1:
+    """Sum over processes (a copy, on `x`'s device); identity without a process group."""
+    if not is_dist_initialized():
         return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    total = _on_group_device(x, copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(x.device)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over processes (a copy, on `x`'s device); identity without a process group. For
+    logging, not for gradients."""
+    if not is_dist_initialized():
+        return x
+    return all_reduce_sum(x) / dist.get_world_size()
+
+
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Process `src`'s `x` on every process (a copy, on `x`'s device); identity without a group."""
+    if not is_dist_initialized():
+        return x
+    out = _on_group_device(x, copy=True)
+    dist.broadcast(out, src=src)
+    return out.to(x.device)
+
+
+@torch.no_grad()
+def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
+    """Copy process `src`'s BatchNorm running statistics into every process's `module`.
+
+    DDP runs here without its per-step buffer broadcast (every process enqueues the same keys
+    already), so the running statistics of each process follow its own batches and drift apart.
+    They never enter training (BatchNorm normalises with batch statistics in train mode), but an
+    evaluation - the online kNN - and the checkpoint (rank 0's) must see one model.
+    """
+    if not is_dist_initialized():
+        return
+    buffers = [buf for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # one broadcast per dtype, not per buffer
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = broadcast(torch.cat([b.reshape(-1) for b in same]), src)
+        for b, value in zip(same, flat.split([b.numel() for b in same])):
+            b.copy_(value.view_as(b))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Process `src`'s picklable `obj` on every process; identity without a process group."""
+    if not is_dist_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=group_device())
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable `obj`, in rank order; [obj] without a process group. (With NCCL
+    the objects travel through the current GPU, which init_distributed sets.)"""
+    if not is_dist_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -18,13 +18,13 @@ import torch
 
 
 def add_moco_launcher_args(p: argparse.ArgumentParser) -> None:
-    """MoCo's launch flags, with MoCo's names and meanings."""
+    """MoCo's launch flags, with MoCo's names and meanings (its --dist-backend and --gpu come
+    with selfsup.distributed.add_device_args)."""
     p.add_argument("--multiprocessing-distributed", action="store_true",
                    help="spawn one process per GPU on this node (MoCo's launcher); torchrun does not need it")
     p.add_argument("--world-size", default=-1, type=int, help="number of NODES for --multiprocessing-distributed")
     p.add_argument("--rank", default=-1, type=int, help="node rank for --multiprocessing-distributed")
     p.add_argument("--dist-url", default="tcp://localhost:10001", type=str, help="url of the rendezvous (tcp://HOST:PORT)")
-    p.add_argument("--dist-backend", default=None, type=str, help="accepted for MoCo compatibility; nccl/gloo follow the device")
     p.add_argument("--nproc-per-node", default=None, type=int,
                    help="processes per node for --multiprocessing-distributed (default: the GPU count)")
 
@@ -37,7 +37,7 @@ def spawned_world_size(args: argparse.Namespace) -> int:
 def _worker(local_rank: int, main: Callable[[argparse.Namespace], int], args: argparse.Namespace, nproc: int) -> None:
     url = urlparse(args.dist_url)
     os.environ.update(
-        RANK=str(max(args.rank, 0) * nproc + local_rank), LOCAL_RANK=str(local_rank),
+        RANK=str(max(args.rank, 0) * nproc + local_rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc),
         WORLD_SIZE=str(max(args.world_size, 1) * nproc),
         MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 10001))
     status = main(args)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .distributed import all_gather_with_grad, get_rank
+
+
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A block where autocast is off, for the few operations that must stay in float32 under
+    --amp: the contrastive logits. bf16 keeps 8 bits of mantissa, so a cosine similarity of
+    0.98 divided by T = 0.07 (a logit of 14) is resolved only to about 0.06, which is as large
+    as the differences between positive and hard negatives the loss has to see."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 when it is in a half-precision dtype (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def nt_xent(
@@ -22,10 +37,15 @@ def nt_xent(
     samples of all processes and gradients flow back through the gather. The value returned is
     the mean over this process's 2N anchors; averaged over processes (as DistributedDataParallel
     does with gradients) it equals the loss of one process over the global batch. At world size
-    1 both modes are the same.
+    1 both modes are the same. Computed in float32 whatever autocast says (see full_precision).
     """
+    with full_precision(z1):
+        return _nt_xent(at_least_fp32(z1), at_least_fp32(z2), temperature, distributed)
+
+
+def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, distributed: bool) -> torch.Tensor:
     n = z1.shape[0]
-    z1 = F.normalize(z1, dim=1)
+    z1 = F.normalize(z1, dim=1)  # N x C
     z2 = F.normalize(z2, dim=1)
     if distributed:
         z1_all = all_gather_with_grad(z1)  # (W*N) x C
@@ -50,6 +70,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss 2 - 2 cos(p, z) per sample (Grill et al., 2020, Eq. 2).
 
     p: N x C predictions of the online network; z: N x C projections of the target network
-    (detached by the caller). Returns a tensor of N values in [0, 4].
+    (detached by the caller). Returns a tensor of N values in [0, 4], computed in float32.
     """
-    return 2 - 2 * F.cosine_similarity(p, z, dim=-1)
+    with full_precision(p):
+        return 2 - 2 * F.cosine_similarity(at_least_fp32(p), at_least_fp32(z), dim=-1)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .distributed import all_gather_objects
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -34,18 +36,23 @@ def mix_seed(*values: int) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Seed torch's and Python's global generators for a block, then restore them.
+    """Seed torch's CPU generator and Python's for a block, then restore them.
 
-    torchvision's v1 transforms draw from these global generators. Restoring keeps the caller's
-    random stream untouched (this runs in the main process when num_workers=0).
+    torchvision's v1 transforms draw from these two, so a sample's augmentation becomes a function
+    of its seed. Restoring keeps the caller's random streams untouched (this runs in the main
+    process when num_workers=0). Nothing else is touched: `torch.manual_seed` would also reseed
+    every CUDA generator (or, before CUDA starts, queue that reseed for when it does), and with
+    loading in the main process the GPU's stream - MoCo's batch shuffle and BN-split permutations
+    draw from it - would restart at every sample.
     """
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
-    torch.manual_seed(seed)
+    cpu = torch.default_generator
+    torch_state, py_state = cpu.get_state(), random.getstate()
+    cpu.manual_seed(seed)
     random.seed(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
+        cpu.set_state(torch_state)
         random.setstate(py_state)
 
 
@@ -125,12 +132,7 @@ def capture_rng_state() -> dict:
 def gather_rng_states() -> list[dict]:
     """Every process's `capture_rng_state()`, in rank order (a collective on every process), so
     rank 0 can store them all in one checkpoint."""
-    state = capture_rng_state()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [state]
-    states: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
+    return all_gather_objects(capture_rng_state())
 
 
 def restore_rng_state(state: dict) -> None:

@@ -1,0 +1,63 @@
+"""The training step of selfsup.engine: what it reads back from the device."""
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.builder import BYOL, MoCo, SimCLR
+from selfsup.distributed import DistInfo
+from selfsup.engine import StepContext, train_one_epoch
+from test_builder import tiny_encoder
+
+# Every way a tensor's value reaches the host; on a GPU each one makes the host wait for it.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+MODELS = {
+    "moco": lambda: MoCo(tiny_encoder, dim=8, K=16, m=0.9, T=0.2),
+    "byol": lambda: BYOL(tiny_encoder, dim=8, hidden_dim=16, m=0.9),
+    "simclr": lambda: SimCLR(tiny_encoder, dim=8, hidden_dim=16, T=0.2),
+}
+
+
+def fake_loader(steps, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        views = [torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 3, 8, 8, generator=g)]
+        # skipped as numpy: the loader's count is a host value already, not a device read
+        yield views, torch.zeros(n, dtype=torch.long), np.zeros(n, dtype=np.int64)
+
+
+def context(method, steps, print_freq=1000, n=4):
+    return StepContext(method=method, epochs=1, steps_per_epoch=steps, base_lr=0.05, cos=True, schedule=[],
+                       warmup_epochs=0.0, base_m=None if method == "simclr" else 0.9, m_cos=False, amp="none",
+                       print_freq=print_freq, global_batch=n, dist=DistInfo())
+
+
+@pytest.mark.parametrize("method", list(MODELS))
+def test_a_step_reads_one_value_from_the_device(method, monkeypatch):
+    torch.manual_seed(0)
+    model = MODELS[method]()
+    model(*next(fake_loader(1))[0])  # the first forward pass may read once (MoCo's queue pointer)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    per_step = []
+    after = lambda steps_done, meters: per_step.append(len(reads))  # noqa: E731
+    steps = 6
+    train_one_epoch(model, fake_loader(steps), lambda v, e, s: v, optimizer,
+                    torch.amp.GradScaler("cpu", enabled=False), 0, 0, context(method, steps), after)
+    monkeypatch.undo()
+    counts = np.diff([0, *per_step]).tolist()
+    # Steps 1..4 neither print nor end the epoch: the fused check (non-finite loss, stop request,
+    # skipped files, summed over processes) is their one read. Step 0 also prints its meters.
+    assert counts[1:-1] == [1] * (steps - 2), (counts, reads)
