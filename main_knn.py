@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from selfsup.builder import ARCHS
-from selfsup.checkpoint import CheckpointError, check_writable
+from selfsup.checkpoint import check_writable
+from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, default_output_dir, per_process_batch
+from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
-from selfsup.data import DEMO_ROOT
-from selfsup.lincls import (UsageError, agree_on_error, build_probe, check_global_batch, default_output_dir,
-                            eval_transform, linear_eval_datasets, load_pretrained)
 from selfsup.meters import MetricsWriter, setup_logging
+from selfsup.networks import ARCHS
+from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained
 
 logger = logging.getLogger("main_knn")
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
     error = None
     try:
-        local_batch = check_global_batch(args.batch_size, dist_info.world_size)
+        local_batch = per_process_batch(args.batch_size, dist_info.world_size)
         if min(args.k) < 1 or args.temperature <= 0:
             raise UsageError(f"--k must be >= 1 and --temperature > 0 (got {args.k}, {args.temperature})")
         if dist_info.is_main:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         transform = eval_transform(image_size)
         train_ds, val_ds, classes = linear_eval_datasets(args.data, transform, transform)
         probe = build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights)
-    except (UsageError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except INPUT_ERRORS as e:
         error = e
     if agree_on_error(error, dist_info):
         return 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from selfsup.distributed import DistInfo, all_reduce_mean, all_reduce_sum
-from selfsup.engine import NonFiniteLossError
+from selfsup.stopping import NonFiniteLossError
 from selfsup.sampler import ResumableDistributedSampler
 
 logger = logging.getLogger(__name__)

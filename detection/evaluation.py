@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from selfsup.distributed import all_gather_objects
+from selfsup.sampler import shard_range
 
 from .datasets import DetectionDataset, collate
 
@@ -30,12 +31,6 @@ IOU_THRESHOLDS = tuple(range(50, 100, 5))  # percent
 
 
 # ---------------------------------------------------------------------------------------------- inference
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Image indices that process `rank` evaluates: every image exactly once over all processes
-    (no padding, unlike DistributedSampler, which would count some images twice)."""
-    return list(range(rank, n, world_size))
 
 
 @torch.no_grad()
@@ -50,7 +45,7 @@ def run_inference(model: nn.Module, dataset: DetectionDataset, device: torch.dev
     """
     was_training = model.training
     model.eval()
-    subset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), rank, world_size))
+    subset = torch.utils.data.Subset(dataset, range(*shard_range(len(dataset), world_size, rank)))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate)
     local: list[tuple[int, dict]] = []

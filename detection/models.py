@@ -25,7 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from selfsup.builder import ARCHS, backbone_constructor
+from selfsup.networks import ARCHS, backbone_constructor
 from selfsup.checkpoint import CheckpointError, extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ batch over all processes. Running the same command again resumes from OUTPUT_DIR
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -30,48 +29,28 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from selfsup import recipes  # noqa: E402
+from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
+from selfsup.cli import INPUT_ERRORS, UsageError, per_process_batch, plain_args, wrap_ddp, write_args  # noqa: E402
+from selfsup.data import training_loader  # noqa: E402
+from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group  # noqa: E402
+from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
+from selfsup.networks import ARCHS, unwrap  # noqa: E402
+from selfsup.optim import build_optimizer  # noqa: E402
+from selfsup.resume import Checkpointer, differences, restore_run_state, run_state  # noqa: E402
+from selfsup.sampler import ResumableDistributedSampler  # noqa: E402
+from selfsup.stopping import NonFiniteLossError  # noqa: E402
 
 from detection import datasets as det_data  # noqa: E402
 from detection.engine import Schedule, batch_stream, precise_bn, train_iterations  # noqa: E402
 from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
-from selfsup.builder import ARCHS  # noqa: E402
-from selfsup.checkpoint import CheckpointError, check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group  # noqa: E402
-from selfsup.engine import NonFiniteLossError, unwrap  # noqa: E402
-from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
-from selfsup.sampler import ResumableDistributedSampler, gather_rng_states, restore_rng_state  # noqa: E402
 
 logger = logging.getLogger("train_torchvision")
 
-_VOC_SIZES = tuple(range(480, 801, 32))  # MoCo's VOC MIN_SIZE_TRAIN
-_COCO_SIZES = tuple(range(640, 801, 32))
-_COMMON = dict(head="c4", norm="syncbn", batch_size=16, lr=0.02, test_size=800, max_size=1333, precise_bn_iters=200,
-               roi_batch_size=512, fpn_channels=256, box_head_dim=1024, workers=4, checkpoint_period=5000)
-# MoCo's detection configs (facebookresearch/moco detection/configs), written out; explicit flags win.
-RECIPES = {
-    "voc": dict(_COMMON, train=["voc_2007_trainval", "voc_2012_trainval"], test=["voc_2007_test"], max_iter=24000,
-                steps=[18000, 22000], warmup_iters=100, min_size=list(_VOC_SIZES)),
-    "coco_1x": dict(_COMMON, train=["coco_2017_train"], test=["coco_2017_val"], max_iter=90000,
-                    steps=[60000, 80000], warmup_iters=1000, min_size=list(_COCO_SIZES)),
-    "coco_2x": dict(_COMMON, train=["coco_2017_train"], test=["coco_2017_val"], max_iter=180000,
-                    steps=[120000, 160000], warmup_iters=1000, min_size=list(_COCO_SIZES)),
-    # Minutes on a CPU: ResNet-18 FPN, narrow FPN and box head, on detection/make_synthetic.py's
-    # default data (64-pixel images of three shapes); README.md gives the AP and time measured.
-    "demo": dict(head="fpn", arch="resnet18", norm="bn", batch_size=8, lr=0.04, train=["voc_2007_trainval"],
-                 test=["voc_2007_test"], max_iter=600, steps=[450, 550], warmup_iters=50, min_size=[64],
-                 test_size=64, max_size=64, precise_bn_iters=0, roi_batch_size=64, fpn_channels=32,
-                 box_head_dim=128, workers=0, checkpoint_period=200),
-}
-
-
-class UsageError(Exception):
-    """Bad input found before training: printed as one message, exit status 2."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Detection fine-tuning (torchvision)", add_help=False)
-    p.add_argument("--recipe", choices=list(RECIPES), default="voc",
+    p.add_argument("--recipe", choices=list(recipes.DETECTION), default="voc",
                    help="defaults for everything below: MoCo's voc / coco_1x / coco_2x recipes, or the CPU demo")
     init = p.add_mutually_exclusive_group()
     init.add_argument("--pretrained", metavar="PATH", help="pretraining checkpoint (this project, MoCo, torchvision)")
@@ -121,24 +100,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset flags from the recipe."""
-    recipe = RECIPES[args.recipe]
-    out = argparse.Namespace(**vars(args))
-    for key, value in recipe.items():
-        if getattr(out, key, None) is None:
-            setattr(out, key, value)
+    """Fill unset flags from the recipe (selfsup.recipes.DETECTION)."""
+    out = recipes.fill_unset(args, recipes.DETECTION[args.recipe])
     if out.output_dir is None:
         out.output_dir = str(Path("runs") / f"det-{args.recipe}-{out.head}")
     if out.steps and any(s >= out.max_iter for s in out.steps):
         logger.warning("--steps %s include iterations at or past --max-iter %d", out.steps, out.max_iter)
     return out
-
-
-def check_batch(global_batch: int, world_size: int) -> int:
-    if global_batch <= 0 or global_batch % world_size:
-        raise UsageError(f"--batch-size {global_batch} is the global batch and must divide by the {world_size} "
-                         f"processes; use e.g. --batch-size {max(world_size, global_batch // world_size * world_size)}")
-    return global_batch // world_size
 
 
 def detector_config(args: argparse.Namespace, arch: str, small_stem: bool, num_classes: int) -> DetectorConfig:
@@ -148,16 +116,13 @@ def detector_config(args: argparse.Namespace, arch: str, small_stem: bool, num_c
                           box_head_dim=args.box_head_dim)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.SGD:
+def detector_optimizer(model: torch.nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    """SGD without weight decay on the normalisation layers' parameters (Detectron2's default)."""
     no_decay = norm_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": wd},
               {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-
-
-def _plain(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    return build_optimizer("sgd", groups, lr, momentum, wd)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -167,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs, read the data, build the model; raises on bad input."""
-    local_batch = check_batch(args.batch_size, dist_info.world_size)
+    local_batch = per_process_batch(args.batch_size, dist_info.world_size)
     try:
         check_norm(args.norm, dist_info.device, dist_info.world_size)
     except ValueError as e:
@@ -201,12 +166,10 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
     torch.manual_seed(args.seed)  # the same new layers on every process (DDP also broadcasts them)
     if resume is not None:
         saved = resume.get("detector", {})
-        mismatch = [f"{k} {saved.get(k)!r} (this command: {v!r})" for k, v in
-                    (("arch", args.arch), ("head", args.head), ("norm", args.norm), ("small_stem", args.small_stem))
-                    if v is not None and k in saved and saved[k] != v
-                    # SyncBN and BN hold the same state and agree at test time: evaluating a SyncBN
-                    # run in one process is fine; continuing its training with another norm is not.
-                    and not (args.eval_only and k == "norm" and {saved[k], v} <= {"bn", "syncbn"})]
+        # SyncBN and BN hold the same state and agree at test time: evaluating a SyncBN run in
+        # one process is fine; continuing its training with another norm is not.
+        same_norm = args.eval_only and {saved.get("norm"), args.norm} <= {"bn", "syncbn"}
+        mismatch = differences(saved, vars(args), ("arch", "head", "small_stem") + (() if same_norm else ("norm",)))
         if list(resume.get("class_names", class_names)) != list(class_names):
             mismatch.append(f"classes {resume.get('class_names')} (this data: {list(class_names)})")
         if mismatch:
@@ -230,22 +193,16 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
                        "than a standard ResNet's, which makes detection much slower")
     cfg = detector_config(args, arch, small_stem, len(class_names))
     model = build_detector(resnet, cfg).to(dist_info.device)
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.wd)
+    optimizer = detector_optimizer(model, args.lr, args.momentum, args.wd)
     start_iter = 0
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
         except RuntimeError as e:
             raise UsageError(f"checkpoint '{ckpt_path}' does not fit this model: {str(e).splitlines()[0]} ...") from e
-        if not args.eval_only and "optimizer" in resume:
-            optimizer.load_state_dict(resume["optimizer"])
+        if not args.eval_only:
+            restore_run_state(resume, dist_info, optimizer)
         start_iter = int(resume["iter"])
-        rng = resume.get("rng")
-        if rng and len(rng) == dist_info.world_size:
-            restore_rng_state(rng[dist_info.rank])
-        elif rng and not args.eval_only:
-            logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not exact)",
-                           len(rng), dist_info.world_size)
     else:
         torch.manual_seed(args.seed + dist_info.rank)
     logger.info("%s-%s Faster R-CNN, %s, %d classes, backbone from %s", arch, cfg.head.upper(), cfg.norm,
@@ -258,22 +215,20 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     try:
         model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch = \
             prepare(args, dist_info)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except INPUT_ERRORS as e:
         logging.getLogger().error("error: %s", e)
         return 2
     setup_logging(dist_info.rank, output_dir)
     metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        with open(output_dir / "args.json", "w") as f:
-            json.dump(vars(args), f, indent=1, default=str)
-    latest = output_dir / "checkpoint.pth.tar"
+    write_args(output_dir, args, dist_info)
+    latest = output_dir / "checkpoint.pth.tar"  # what Checkpointer writes
 
-    def checkpoint(iters_done: int) -> None:
-        rng = gather_rng_states()  # a collective
-        if dist_info.is_main:
-            save_atomic({"iter": iters_done, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "detector": {**asdict(cfg), "train_sizes": list(cfg.train_sizes)},
-                         "class_names": list(class_names), "args": _plain(vars(args)), "rng": rng}, latest)
+    def state(rng: list, iters_done: int) -> dict:
+        return {"iter": iters_done, "model": unwrap(model).state_dict(),
+                "detector": {**asdict(cfg), "train_sizes": list(cfg.train_sizes)}, "class_names": list(class_names),
+                **run_state(optimizer, args, dist_info, rng)}
+
+    checkpointer = Checkpointer(output_dir, dist_info, state)
 
     def update_bn(batches) -> None:
         if args.precise_bn_iters:
@@ -306,19 +261,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
                         "more, or use another --output-dir)", latest, args.max_iter)
             evaluate_all(start_iter)
             return 0
-        ddp_model = model
-        if dist_info.distributed:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+        ddp_model = wrap_ddp(model, dist_info)
         sampler = ResumableDistributedSampler(len(train_set), local_batch, dist_info.world_size, dist_info.rank,
                                               shuffle=True, seed=args.seed)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=sampler,
-                                             num_workers=args.workers, collate_fn=det_data.collate,
-                                             pin_memory=dist_info.device.type == "cuda",
-                                             persistent_workers=args.workers > 0,
-                                             # its own generator: starting an epoch must not draw from the global
-                                             # one, or a resumed run would drift from an uninterrupted one
-                                             generator=torch.Generator().manual_seed(args.seed))
+        loader = training_loader(train_set, sampler, batch_size=local_batch, workers=args.workers, seed=args.seed,
+                                 pin_memory=dist_info.device.type == "cuda", collate_fn=det_data.collate)
         batches = batch_stream(loader, sampler, start_iter)
         schedule = Schedule(args.lr, args.max_iter, tuple(args.steps or ()), args.warmup_iters, args.print_freq)
         logger.info("%d process(es) on %s, global batch %d, lr %.4g, iterations %d..%d, steps %s, warmup %d -> %s",
@@ -331,7 +278,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
             if done == args.max_iter:
                 return  # checkpointed below, after precise BN
             if done % args.checkpoint_period == 0:
-                checkpoint(done)
+                checkpointer.save(iters_done=done)
             if args.eval_period and done % args.eval_period == 0:
                 update_bn(batches)
                 evaluate_all(done)
@@ -339,12 +286,12 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         ddp_model.train()
         train_iterations(ddp_model, optimizer, batches, start_iter, schedule, dist_info, after_step)
         update_bn(batches)
-        checkpoint(args.max_iter)
+        checkpointer.save(iters_done=args.max_iter)
         final = evaluate_all(args.max_iter)
         if dist_info.is_main:
             save_atomic({"iter": args.max_iter, "model": unwrap(model).state_dict(),
                          "detector": {**asdict(cfg), "train_sizes": list(cfg.train_sizes)},
-                         "class_names": list(class_names), "args": _plain(vars(args))},
+                         "class_names": list(class_names), "args": plain_args(args)},
                         output_dir / "model_final.pth.tar")
             for name, res in final.items():
                 logger.info("final %s", summary(name, res))

@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "ssl"))
 
-import main_pretrain  # noqa: E402
 from selfsup import engine  # noqa: E402
+from selfsup.methods import METHODS  # noqa: E402
+
+import main_pretrain  # noqa: E402
 
 kind, n = os.environ["FAULT"].split(":")
 n = int(n)
@@ -25,10 +27,10 @@ target_rank = os.environ.get("FAULT_RANK")
 here = target_rank is None or int(target_rank) == rank
 marker = os.environ.get("FAULT_MARKER")
 
-_train_one_epoch = main_pretrain.train_one_epoch
+_train_one_epoch = engine.train_one_epoch
 
 
-def train_one_epoch(model, loader, to_device, optimizer, scaler, epoch, start_step, ctx, after_step=None,
+def train_one_epoch(model, loader, make_views, optimizer, scaler, epoch, start_step, ctx, after_step=None,
                     meter_state=None):
     def hook(steps_done, meters):
         if after_step is not None:
@@ -40,21 +42,27 @@ def train_one_epoch(model, loader, to_device, optimizer, scaler, epoch, start_st
             sys.stdout.flush()
             os._exit(137)
 
-    return _train_one_epoch(model, loader, to_device, optimizer, scaler, epoch, start_step, ctx, hook, meter_state)
+    return _train_one_epoch(model, loader, make_views, optimizer, scaler, epoch, start_step, ctx, hook, meter_state)
 
 
-main_pretrain.train_one_epoch = train_one_epoch
+engine.train_one_epoch = train_one_epoch  # what engine.fit calls
 
 if kind == "nan":
-    _compute_loss = engine.compute_loss
     calls = {"n": 0}
 
-    def compute_loss(method, output):
-        loss = _compute_loss(method, output)
-        calls["n"] += 1
-        return loss * float("nan") if (here and calls["n"] == n) else loss
+    def with_nan(forward):
+        def forward_with_nan(self, x1, x2, return_loss=False):
+            out = forward(self, x1, x2, return_loss)
+            if return_loss:  # a training step
+                calls["n"] += 1
+                if here and calls["n"] == n:
+                    return out * float("nan")
+            return out
 
-    engine.compute_loss = compute_loss
+        return forward_with_nan
+
+    for method in METHODS.values():
+        method.forward = with_nan(method.forward)
 
 if __name__ == "__main__":
     sys.exit(main_pretrain.cli(sys.argv[1:]))

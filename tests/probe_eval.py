@@ -14,9 +14,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "ssl"))
 
 import torch  # noqa: E402
+from selfsup import monitor  # noqa: E402
 
 import main_pretrain  # noqa: E402
-from selfsup import monitor  # noqa: E402
 
 _evaluate = monitor.KNNMonitor.__call__
 _count = {"n": 0}

@@ -20,7 +20,6 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-
 from selfsup.augment import (
     BatchAugment,
     TwoViewAugment,
@@ -28,17 +27,14 @@ from selfsup.augment import (
     adjust_contrast_,
     adjust_hue,
     adjust_saturation_,
-    augment_generator,
     gaussian_blur_pil_,
-    resized_crop,
     rgb_to_gray,
-    sample_crop_boxes,
     sample_view_params,
     solarize_,
 )
-from selfsup.crops import sample_crop_box
-from selfsup.loader import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ViewSpec, get_preset
-from selfsup.sampler import seeded
+from selfsup.crops import resized_crop, sample_crop_box, sample_crop_boxes
+from selfsup.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ViewSpec, get_preset
+from selfsup.rng import augment_generator, seeded
 
 
 def smooth_images(n: int, h: int = 24, w: int = 32, seed: int = 0) -> torch.Tensor:

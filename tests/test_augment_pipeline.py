@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, JpegImagePlugin
-from torch.utils.data import DataLoader
-
 from helpers import make_image_folder, run_script
-from selfsup.augment import TwoViewAugment, augment_generator
-from selfsup.crops import TwoCropsBatches, TwoCropsDataset, draft_factor
+from PIL import Image, JpegImagePlugin
+from selfsup.augment import TwoViewAugment
+from selfsup.crops import TwoCropsDataset, draft_factor
 from selfsup.data import find_samples
 from selfsup.distributed import DistInfo
 from selfsup.inmemory import IndexBatchLoader, InMemoryImages
-from selfsup.loader import Preset, ViewSpec, get_preset
-from selfsup.pipeline import build_memory_pipeline, build_pretrain_pipeline
+from selfsup.pipeline import TwoCropsBatches, build_memory_pipeline, build_pretrain_pipeline
+from selfsup.presets import Preset, ViewSpec, get_preset
+from selfsup.rng import augment_generator
 from selfsup.sampler import ResumableDistributedSampler
+from torch.utils.data import DataLoader
 
 
 def smooth_jpeg(path, width: int, height: int, seed: int = 0, quality: int = 90) -> np.ndarray:
@@ -157,13 +157,14 @@ def test_batched_crops_take_each_sample_from_its_own_image():
 
 def record(pipeline, epoch: int, start: int = 0) -> list[list[torch.Tensor]]:
     pipeline.sampler.set_epoch(epoch, start)
-    return [pipeline.to_device(views, epoch, start + i) for i, (views, _, _) in enumerate(pipeline.loader)]
+    return [pipeline.views(views, epoch, start + i) for i, (views, _, _) in enumerate(pipeline.loader)]
 
 
 def test_memory_pipeline_resumes_exactly_in_the_main_process_or_in_workers():
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
-    full = record(build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4), epoch=2)
-    in_workers = build_memory_pipeline(InMemoryImages(images), "byol", 32, 8, DistInfo(), seed=4, workers=2)
+    full = record(build_memory_pipeline(InMemoryImages(images), aug="byol", image_size=32, batch_size=8, dist=DistInfo(), seed=4), epoch=2)
+    in_workers = build_memory_pipeline(InMemoryImages(images), aug="byol", image_size=32, batch_size=8, dist=DistInfo(), seed=4,
+                                       workers=2)
     assert "in 2 worker(s)" in in_workers.description
     resumed = record(in_workers, epoch=2, start=3)
     assert len(full) == 5 and len(resumed) == 2
@@ -176,7 +177,8 @@ def test_batched_pipeline_resumes_exactly_whatever_the_worker_count(tmp_path):
     make_image_folder(tmp_path, classes=2, per_class=10, size=72, ext="jpg")
 
     def build(workers):
-        return build_pretrain_pipeline(str(tmp_path), "moco_v2", 24, 4, workers, DistInfo(), 1, backend="batched")
+        return build_pretrain_pipeline(str(tmp_path), aug="moco_v2", image_size=24, batch_size=4, workers=workers,
+                                       dist=DistInfo(), seed=1, backend="batched")
 
     full = record(build(0), epoch=1)
     resumed = record(build(2), epoch=1, start=2)
@@ -188,15 +190,19 @@ def test_batched_pipeline_resumes_exactly_whatever_the_worker_count(tmp_path):
 def test_auto_backend_holds_small_images_in_memory(tmp_path):
     make_image_folder(tmp_path / "small", classes=2, per_class=4, size=28)
     make_image_folder(tmp_path / "large", classes=2, per_class=4, size=80, ext="jpg")
-    small = build_pretrain_pipeline(str(tmp_path / "small"), "simclr", 32, 4, 0, DistInfo(), 0, backend="auto")
-    large = build_pretrain_pipeline(str(tmp_path / "large"), "simclr", 64, 4, 0, DistInfo(), 0, backend="auto")
+    small = build_pretrain_pipeline(str(tmp_path / "small"), aug="simclr", image_size=32, batch_size=4, workers=0,
+                                    dist=DistInfo(), seed=0, backend="auto")
+    large = build_pretrain_pipeline(str(tmp_path / "large"), aug="simclr", image_size=64, batch_size=4, workers=0,
+                                    dist=DistInfo(), seed=0, backend="auto")
     assert small.backend == "memory" and large.backend == "batched"
-    ref = build_pretrain_pipeline(str(tmp_path / "large"), "simclr", 64, 4, 0, DistInfo(), 0, backend="reference")
+    ref = build_pretrain_pipeline(str(tmp_path / "large"), aug="simclr", image_size=64, batch_size=4, workers=0,
+                                  dist=DistInfo(), seed=0, backend="reference")
     for p in (small, large, ref):
         out = record(p, 0)[0]
         assert [v.shape[1:] for v in out] == [out[0].shape[1:]] * 2 and out[0].dtype == torch.float32
 
 
+@pytest.mark.e2e
 def test_main_pretrain_trains_with_the_batched_backend(tmp_path):
     make_image_folder(tmp_path / "imgs", classes=2, per_class=8, size=72, ext="jpg")
     out = tmp_path / "run"
@@ -211,7 +217,8 @@ def test_main_pretrain_trains_with_the_batched_backend(tmp_path):
 def test_views_come_in_the_dtype_and_format_the_step_wants(tmp_path):
     make_image_folder(tmp_path, classes=2, per_class=4, size=28)
     for backend in ("batched", "memory"):
-        p = build_pretrain_pipeline(str(tmp_path), "byol", 32, 4, 0, DistInfo(), 0, backend=backend,
+        p = build_pretrain_pipeline(str(tmp_path), aug="byol", image_size=32, batch_size=4, workers=0, dist=DistInfo(),
+                                    seed=0, backend=backend,
                                     channels_last=True, out_dtype=torch.bfloat16)
         for v in record(p, 0)[0]:
             assert v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-from selfsup.builder import build_model, compile_networks
+from selfsup.builder import build_model
+from selfsup.networks import compile_networks
 from selfsup.optim import LARS
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from selfsup.builder import ARCHS, BYOL, MoCo, SimCLR, SplitBatchNorm, build_model, backbone_constructor
+from selfsup.builder import BYOL, MoCo, SimCLR, build_model
+from selfsup.networks import ARCHS, SplitBatchNorm, backbone_constructor
 
 
 def tiny_encoder(num_classes: int) -> nn.Module:

@@ -22,14 +22,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from helpers import make_image_folder, run_script, torchrun
 from selfsup import distributed as D
-from selfsup.augment import TwoViewAugment, augment_generator
-from selfsup.builder import build_model, compile_networks
-from selfsup.engine import compute_loss
-from selfsup.loader import get_preset
-from selfsup.sampler import seeded
+from selfsup.augment import TwoViewAugment
+from selfsup.builder import build_model
+from selfsup.networks import compile_networks
+from selfsup.presets import get_preset
+from selfsup.rng import augment_generator, seeded
 
 DEVICE = torch.device(os.environ.get("SELFSUP_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -115,7 +114,7 @@ def test_mixed_precision_steps_stay_finite_and_close_to_fp32(method, amp):
             out = m(x1, x2)
             if method == "moco":
                 assert out[0].dtype == torch.float32  # the contrastive logits stay float32 under autocast
-            loss = compute_loss(method, out)
+            loss = out if method != "moco" else F.cross_entropy(*out)
         scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         scaler.scale(loss).backward()
@@ -134,7 +133,7 @@ def test_channels_last_gives_the_same_step():
     for fmt in (torch.contiguous_format, torch.channels_last):
         m = copy.deepcopy(model).to(memory_format=fmt)
         torch.manual_seed(1)  # the same BN-split permutation of the keys
-        loss = compute_loss("moco", m(x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)))
+        loss = m(x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt), return_loss=True)
         loss.backward()
         grads[fmt] = (loss.item(), m.encoder_q.conv1.weight.grad.clone())
     a, b = grads.values()
@@ -214,8 +213,8 @@ def test_a_training_step_waits_for_the_gpu_at_most_once():
     views = [torch.randn(16, 3, 32, 32, device=DEVICE) for _ in range(2)]
     steps = 6
     batches = [(views, torch.zeros(16), torch.zeros(16, dtype=torch.long))] * steps
-    ctx = StepContext(method="moco", epochs=1, steps_per_epoch=steps, base_lr=0.01, cos=True, schedule=[],
-                      warmup_epochs=0.0, base_m=0.99, m_cos=False, amp="none", print_freq=1000, global_batch=16,
+    ctx = StepContext(epochs=1, steps_per_epoch=steps, base_lr=0.01, cos=True, schedule=[],
+                      warmup_epochs=0.0, amp="none", print_freq=1000, global_batch=16,
                       dist=DistInfo(device=DEVICE))
     model(*views)  # first forward: MoCo reads its queue pointer once
     counts = []

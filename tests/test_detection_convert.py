@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-
 from helpers import REPO, run_script
 
 sys.path.insert(0, str(REPO))  # `import detection` from the repository root
 
-from detection.convert_to_detectron2 import convert, detectron2_name, main  # noqa: E402
 from selfsup import build_model  # noqa: E402
+
+from detection.convert_to_detectron2 import convert, detectron2_name, main  # noqa: E402
 
 # Blocks per stage and convolutions per block, from the ResNet paper's table (independent of
 # torchvision's and Detectron2's code).
@@ -137,6 +137,7 @@ def test_small_stem_converts_with_a_warning():
     assert len(result.warnings) == 1 and "7x7" in result.warnings[0]
 
 
+@pytest.mark.e2e
 def test_cli_runs_as_a_script(tmp_path):
     ckpt, _ = project_checkpoint("simclr", "resnet18", hidden_dim=64)
     torch.save(ckpt, tmp_path / "in.pth.tar")

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers import REPO
+from PIL import Image
 
 sys.path.insert(0, str(REPO))
 

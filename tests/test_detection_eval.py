@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
-
 from helpers import REPO, run_distributed
+from PIL import Image
 
 sys.path.insert(0, str(REPO))
 
@@ -21,7 +20,6 @@ from detection.evaluation import (  # noqa: E402
     evaluate_coco,
     evaluate_voc,
     run_inference,
-    shard_indices,
     voc_ap,
     voc_class_ap,
 )
@@ -139,12 +137,6 @@ def test_coco_ap_perfect_shifted_and_empty(tmp_path):
     wrong_class = {i: pred(r.boxes, [0.9], 3 - r.labels) for i, r in enumerate(ds.records)}
     assert evaluate_coco(wrong_class, ds)["AP"] == pytest.approx(0)
     assert evaluate_coco({}, ds)["AP"] == 0.0
-
-
-def test_shards_cover_every_image_once():
-    for n, world in ((7, 3), (2, 4), (0, 2), (10, 1)):
-        shards = [shard_indices(n, r, world) for r in range(world)]
-        assert sorted(i for s in shards for i in s) == list(range(n))
 
 
 class MeanBoxModel(nn.Module):

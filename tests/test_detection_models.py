@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.ops import FrozenBatchNorm2d
-
 from helpers import REPO
+from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(REPO))
 
-from detection.engine import warmup_multistep_lr  # noqa: E402
-from detection.models import DetectorConfig, build_detector, build_resnet, check_norm  # noqa: E402
 from selfsup import build_model  # noqa: E402
 from selfsup.checkpoint import CheckpointError  # noqa: E402
+
+from detection.engine import warmup_multistep_lr  # noqa: E402
+from detection.models import DetectorConfig, build_detector, build_resnet, check_norm  # noqa: E402
 
 TINY = dict(train_sizes=(64,), test_size=64, max_size=64, roi_batch_size=16, fpn_channels=32, box_head_dim=64)
 

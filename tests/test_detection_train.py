@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, torchrun
 
 sys.path.insert(0, str(REPO))
@@ -36,6 +35,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_cpu_training_learns_the_synthetic_task(shapes, tmp_path):
     run = tmp_path / "run"
     status = cli(SMALL + ["--data-root", str(shapes), "--output-dir", str(run), "--batch-size", "4", "--lr", "0.04",
@@ -58,6 +58,7 @@ def test_cpu_training_learns_the_synthetic_task(shapes, tmp_path):
     assert again["AP50"] == pytest.approx(final["AP50"])
 
 
+@pytest.mark.e2e
 def test_resume_continues_exactly(shapes, tmp_path):
     common = SMALL + ["--data-root", str(shapes), "--test", "--batch-size", "2", "--steps", "4", "--warmup-iters", "2",
                       ]
@@ -72,6 +73,7 @@ def test_resume_continues_exactly(shapes, tmp_path):
     assert [r["iter"] for r in records(tmp_path / "resumed")] == [3, 6]
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_on_cpu(shapes, tmp_path):
     run = tmp_path / "ddp"
     out = torchrun(2, ["detection/train_torchvision.py", *SMALL, "--data-root", str(shapes), "--output-dir", str(run),

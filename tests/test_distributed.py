@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from helpers import run_distributed
 from selfsup import distributed as D
 from selfsup.builder import MoCo, SimCLR
@@ -313,6 +312,7 @@ def _moco_shuffle_worker(rank, world, state, shuffle_bn):
     return {"queue": model.queue}
 
 
+@pytest.mark.e2e
 def test_moco_shuffle_bn_really_shuffles(tmp_path):
     torch.manual_seed(0)
     state = copy.deepcopy(MoCo(tiny_encoder, dim=8, K=12, m=0.9).state_dict())

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from selfsup.builder import BYOL, MoCo, SimCLR
 from selfsup.distributed import DistInfo
 from selfsup.engine import StepContext, train_one_epoch
@@ -27,8 +26,8 @@ def fake_loader(steps, n=4, seed=0):
 
 
 def context(method, steps, print_freq=1000, n=4):
-    return StepContext(method=method, epochs=1, steps_per_epoch=steps, base_lr=0.05, cos=True, schedule=[],
-                       warmup_epochs=0.0, base_m=None if method == "simclr" else 0.9, m_cos=False, amp="none",
+    return StepContext(epochs=1, steps_per_epoch=steps, base_lr=0.05, cos=True, schedule=[],
+                       warmup_epochs=0.0, amp="none",
                        print_freq=print_freq, global_batch=n, dist=DistInfo())
 
 

@@ -10,10 +10,12 @@ import sys
 
 import pytest
 import torch
-
-import main_pretrain
 from helpers import REPO, THREADS, free_port, make_image_folder, run_script, script_env, torchrun
 from selfsup.checkpoint import CheckpointError, load_checkpoint, save_atomic
+
+import main_pretrain
+
+pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 
 # 24 images, global batch 8: 3 steps per epoch, 2 epochs = 6 steps.
 RUN = ["--method", "moco", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2", "--moco-k", "16",
@@ -206,7 +208,7 @@ def test_a_checkpoint_carrying_pickled_code_is_refused(tmp_path, monkeypatch):
     # The training script refuses it with the same message and exit status 2.
     r = run_script(["main_pretrain.py", "--resume", str(path), "--output-dir", str(tmp_path / "o")],
                    EXPLOIT_MARKER=str(marker))
-    assert r.returncode == 2 and "none of its code ran" in r.stdout and not marker.exists()
+    assert r.returncode == 2 and "none of its code ran" in r.stderr and not marker.exists()
 
 
 def test_truncated_checkpoint_gives_a_clear_error(folder, tmp_path):
@@ -215,7 +217,7 @@ def test_truncated_checkpoint_gives_a_clear_error(folder, tmp_path):
     data = (out / "checkpoint.pth.tar").read_bytes()
     (out / "checkpoint.pth.tar").write_bytes(data[: len(data) // 3])
     r = run_script(["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
-    assert r.returncode == 2 and "truncated, corrupt" in r.stdout
+    assert r.returncode == 2 and "truncated, corrupt" in r.stderr
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -241,4 +243,4 @@ def test_unwritable_output_folder_is_reported_before_training(folder, tmp_path, 
     blocker.write_text("not a folder")
     code = main_pretrain.cli([str(folder), *RUN, "-j", "0", "--output-dir", str(blocker / "run")])
     assert code == 2
-    assert "cannot write to the output folder" in capsys.readouterr().out
+    assert "cannot write to the output folder" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_idx
 from selfsup.checkpoint import extract_backbone, load_backbone, load_checkpoint
 
@@ -32,6 +31,7 @@ def benchmark(repo):
     return fmnist_benchmark
 
 
+@pytest.mark.e2e
 def test_benchmark_end_to_end_on_generated_images(tmp_path, benchmark):
     data, out = tmp_path / "fm", tmp_path / "out"
     _fake_fashion_mnist(data)

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 from helpers import run_script
+
+pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 
 
 def test_gpu_check_dry_run_passes_and_writes_its_summaries(tmp_path):

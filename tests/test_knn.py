@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
 from helpers import make_image_folder, run_distributed
 from selfsup import knn
-from selfsup.builder import backbone_constructor
+from selfsup.networks import backbone_constructor
 from test_lincls import load_script
+from torch.utils.data import DataLoader, TensorDataset
 
 WORLD = 2
 

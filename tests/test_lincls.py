@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
-
 from helpers import REPO, make_image_folder, torchrun
+from PIL import Image
 from selfsup import build_model
-from selfsup.lincls import LinearProbe, SanityCheckError, build_probe, load_pretrained, sanity_check, train_linear_epoch
+from selfsup.lincls import train_linear_epoch
+from selfsup.probe import LinearProbe, SanityCheckError, build_probe, load_pretrained, sanity_check
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE, CLASSES = 16, 6
@@ -314,6 +314,7 @@ def test_cached_features_equal_the_image_path_and_resume(data, moco_ckpt, tmp_pa
 # ---------------------------------------------------------------------------------------------- distributed
 
 
+@pytest.mark.e2e
 def test_torchrun_two_processes_equal_one_process(data, moco_ckpt, tmp_path):
     ckpt = moco_ckpt[0]
     args = [str(data), "--pretrained", str(ckpt), "--epochs", "2", "--train-aug", "standard", "-j", "0", "--device",

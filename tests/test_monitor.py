@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import make_image_folder, torchrun
+from selfsup.monitor import check_collapse, collapse_ratio, embedding_std
 
 import main_knn
 import main_pretrain
-from helpers import make_image_folder, torchrun
-from selfsup.engine import embedding_std
-from selfsup.monitor import check_collapse, collapse_ratio
-
 
 
 def test_collapse_signal_on_constant_and_spread_embeddings(caplog):
@@ -46,6 +44,7 @@ def test_online_knn_equals_main_knn_on_the_final_checkpoint(tmp_path):
     assert knn["top1"] == pytest.approx(records[-1]["knn_top1"])
 
 
+@pytest.mark.e2e
 def test_online_knn_under_two_processes_evaluates_one_model(tmp_path):
     # DDP broadcasts no buffers here, so each process's BatchNorm statistics follow its own batches;
     # the evaluation must still see one model - the one the checkpoint holds (rank 0's).

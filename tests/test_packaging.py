@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, script_env
 
 
@@ -11,6 +12,7 @@ def test_ssl_dir_is_not_a_package():
     assert (REPO / "ssl" / "selfsup" / "__init__.py").is_file()
 
 
+@pytest.mark.e2e
 def test_stdlib_ssl_still_works_after_import_selfsup():
     # A fresh interpreter started from the repository root, where a stray ssl package would shadow.
     code = (

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import make_image_folder, run_script, torchrun
+from selfsup.resume import without_stateless_extras
 
 import main_pretrain
-from helpers import make_image_folder, run_script, torchrun
 
 TINY = ["-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "1", "-j", "0", "--moco-dim", "16",
         "-p", "100", "--seed", "1"]
@@ -48,6 +49,7 @@ def test_one_process_trains_and_writes_a_moco_style_checkpoint(method, folder, t
     assert record["epoch"] == 0 and record["loss"] > 0 and record["images_per_s"] > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
 def test_torchrun_two_processes(method, folder, tmp_path):
     out = tmp_path / "run"
@@ -59,6 +61,7 @@ def test_torchrun_two_processes(method, folder, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["moco", "simclr"])
 def test_a_process_group_of_one_changes_nothing(method, folder, tmp_path):
     # --dist-backend makes a group (and a DDP wrapper) at world size 1 too, which is how one GPU runs
@@ -110,10 +113,11 @@ def test_missing_empty_and_imageless_folders(tmp_path, capsys):
     for folder, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no images found"),
                             (tmp_path / "noimg", "no images found")]:
         assert pretrain(folder, *TINY, "--output-dir", tmp_path / "out") == 2
-        err = capsys.readouterr().out
+        err = capsys.readouterr().err
         assert message in err and str(folder) in err
 
 
+@pytest.mark.e2e
 def test_unknown_arch_and_method_list_the_valid_ones(folder, tmp_path):
     code, out = run_bad([folder, "-a", "vgg16"])
     assert code == 2 and "resnet50" in out
@@ -121,6 +125,7 @@ def test_unknown_arch_and_method_list_the_valid_ones(folder, tmp_path):
     assert code == 2 and "simclr" in out
 
 
+@pytest.mark.e2e
 def test_batch_that_does_not_divide(folder, tmp_path):
     r = torchrun(2, ["main_pretrain.py", str(folder), *TINY, "-b", "7", "--output-dir", str(tmp_path / "o")])
     assert r.returncode != 0
@@ -137,10 +142,10 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     before = (out / "checkpoint.pth.tar").read_bytes()
     capsys.readouterr()
     assert pretrain(folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"], "--output-dir", out) == 2
-    msg = capsys.readouterr().out
+    msg = capsys.readouterr().err
     assert "another kind of run" in msg and "'byol'" in msg and "--output-dir" in msg
     assert pretrain(folder, "--method", "byol", *TINY, "-a", "resnet34", "--output-dir", out) == 2
-    assert "arch 'resnet18'" in capsys.readouterr().out
+    assert "arch 'resnet18'" in capsys.readouterr().err
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
 
 
@@ -155,7 +160,7 @@ def test_optimizer_state_of_an_older_version_with_gradless_extras_still_loads():
     saved = old.state_dict()
     assert saved["param_groups"][0]["params"] == [0, 1, 2] and set(saved["state"]) == {0, 1}
     new = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
-    new.load_state_dict(main_pretrain.without_stateless_extras(saved, new))
+    new.load_state_dict(without_stateless_extras(saved, new))
     assert torch.equal(new.state[trained[1]]["momentum_buffer"], old.state[trained[1]]["momentum_buffer"])
     with pytest.raises(ValueError):  # without the fitting, torch refuses it
         torch.optim.SGD(trained, lr=0.1, momentum=0.9).load_state_dict(saved)

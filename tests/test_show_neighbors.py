@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO, make_image_folder, write_idx
 from selfsup import build_model
 

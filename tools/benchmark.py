@@ -19,8 +19,8 @@ can rerun it from a fresh clone. Sections, each with the reference measured in t
       reference backend.
 
 Timings alternate between the two sides of each comparison and report medians, so a busy
-machine slows both alike; "per core" figures run with one thread. The targets of issue 6 are
-checked at the end.
+machine slows both alike; "per core" figures run with one thread. The performance targets
+(docs/PERFORMANCE.md) are checked at the end.
 """
 
 from __future__ import annotations
@@ -43,19 +43,21 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ssl"))
 
-from selfsup.augment import TwoViewAugment, augment_generator  # noqa: E402
+from selfsup.augment import TwoViewAugment  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.crops import TwoCropsDataset  # noqa: E402
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
-from selfsup.engine import StepContext, compute_loss, train_one_epoch  # noqa: E402
+from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
 from selfsup.inmemory import InMemoryImages  # noqa: E402
-from selfsup.loader import build_two_crops_transform, get_preset  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
 from selfsup.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
-from selfsup.sampler import seeded  # noqa: E402
+from selfsup.presets import build_two_crops_transform, get_preset  # noqa: E402
+from selfsup.rng import (
+    augment_generator,  # noqa: E402
+    seeded,  # noqa: E402
+)
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -234,7 +236,8 @@ def memory_aug(report: Report, images: np.ndarray, name: str, aug: str, size: in
     n = len(images)
     pil = [Image.fromarray(a).convert("RGB") for a in images]
     transform = build_two_crops_transform(aug, size)
-    pipeline = build_memory_pipeline(InMemoryImages(images), aug, size, 256, DistInfo(device=device), seed=0)
+    pipeline = build_memory_pipeline(InMemoryImages(images), aug=aug, image_size=size, batch_size=256,
+                                     dist=DistInfo(device=device), seed=0)
 
     def run_ref() -> float:
         t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def memory_aug(report: Report, images: np.ndarray, name: str, aug: str, size: in
         t0 = time.perf_counter()
         count = 0
         for step, (idx, _, _) in enumerate(pipeline.loader):
-            pipeline.to_device(idx, 0, step)
+            pipeline.views(idx, 0, step)
             count += len(idx)
         sync(device)
         return count / (time.perf_counter() - t0)
@@ -281,7 +284,7 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
 
         def step() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss = compute_loss(method, model(v1, v2))
+                loss = model(v1, v2, return_loss=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -309,14 +312,15 @@ def end_to_end(report: Report, data_dir: str, aug: str, size: int, arch: str, ba
     out_dtype = torch.bfloat16 if amp == "bf16" else torch.float32
     for backend in backends:
         torch.manual_seed(0)
-        pipeline = build_pretrain_pipeline(data_dir, aug, size, batch, workers, DistInfo(device=device), 0, backend,
+        pipeline = build_pretrain_pipeline(data_dir, aug=aug, image_size=size, batch_size=batch, workers=workers,
+                                           dist=DistInfo(device=device), seed=0, backend=backend,
                                            channels_last=channels_last, out_dtype=out_dtype)
         model = build_model("moco", arch, K=4096, mlp=True, T=0.2).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.03, 0.9, 1e-4)
-        ctx = StepContext(method="moco", epochs=100, steps_per_epoch=pipeline.sampler.steps_per_epoch, base_lr=0.03,
-                          cos=True, schedule=[], warmup_epochs=0, base_m=0.99, m_cos=False, amp=amp,
+        ctx = StepContext(epochs=100, steps_per_epoch=pipeline.sampler.steps_per_epoch, base_lr=0.03,
+                          cos=True, schedule=[], warmup_epochs=0, amp=amp,
                           print_freq=10**9, global_batch=batch, dist=DistInfo(device=device))
         runs[backend] = (pipeline, model, opt, ctx)
 
@@ -326,7 +330,7 @@ def end_to_end(report: Report, data_dir: str, aug: str, size: int, arch: str, ba
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         sync(device)
         t0 = time.perf_counter()
-        train_one_epoch(model, pipeline.loader, pipeline.to_device, opt, scaler, e, 0, ctx)
+        train_one_epoch(model, pipeline.loader, pipeline.views, opt, scaler, e, 0, ctx)
         sync(device)
         return pipeline.sampler.steps_per_epoch * batch / (time.perf_counter() - t0)
 
@@ -443,7 +447,7 @@ def main() -> int:
 
 
 def check_targets(report: Report, cuda: bool) -> list[dict]:
-    """Issue 6's targets, met or not, from the figures above."""
+    """The performance targets (docs/PERFORMANCE.md), met or not, from the figures above."""
     out = []
 
     def target(name: str, value: float | None, need: float, unit: str = "x", why: str = "") -> None:
@@ -459,7 +463,7 @@ def check_targets(report: Report, cuda: bool) -> list[dict]:
         row = report.get(section, prefix)
         return row["ratio"] if row else None
 
-    print("targets (issue 6):")
+    print("targets (docs/PERFORMANCE.md):")
     target("CPU half >= 4x the reference per core at 224", ratio("a", "CPU half per worker, moco_v2 at 224px"), 4.0)
     target("full augmentation on a CPU-only run >= 1.3x the reference per core",
            ratio("b", "full augmentation per core, moco_v2"), 1.3)

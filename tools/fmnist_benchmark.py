@@ -45,21 +45,22 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ssl"))
 
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.checkpoint import save_atomic  # noqa: E402
-from selfsup.data import FASHION_MNIST_CLASSES as CLASSES, FASHION_MNIST_DEBIAN, load_fashion_mnist  # noqa: E402
+from selfsup.data import FASHION_MNIST_CLASSES as CLASSES  # noqa: E402
+from selfsup.data import FASHION_MNIST_DEBIAN, load_fashion_mnist
 from selfsup.distributed import DistInfo  # noqa: E402
-from selfsup.engine import StepContext, compute_loss, train_one_epoch, unwrap  # noqa: E402
+from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
 from selfsup.inmemory import InMemoryImages  # noqa: E402
 from selfsup.knn import knn_classify, resnet_features  # noqa: E402
 from selfsup.lincls import train_linear_epoch, validate  # noqa: E402
-from selfsup.loader import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from selfsup.meters import setup_logging  # noqa: E402
 from selfsup.monitor import check_collapse  # noqa: E402
+from selfsup.networks import unwrap  # noqa: E402
 from selfsup.optim import build_optimizer, cosine_lr  # noqa: E402
 from selfsup.pipeline import build_memory_pipeline  # noqa: E402
+from selfsup.presets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 logger = logging.getLogger("fmnist_benchmark")
 
@@ -221,8 +222,8 @@ def measure_step_time(model, pipe, optimizer_args: dict, method: str, steps: int
         if i > steps:
             break
         t0 = time.perf_counter()
-        views = pipe.to_device(views, 0, i)
-        loss = compute_loss(method, trial(views[0], views[1]))
+        views = pipe.views(views, 0, i)
+        loss = trial(views[0], views[1], return_loss=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -244,8 +245,9 @@ def pretrain(method: str, args, x_train: torch.Tensor, y_train: torch.Tensor, x_
         model = model.to(memory_format=torch.channels_last)
     init_encoder = copy.deepcopy(unwrap(model).encoder_q)
     data = InMemoryImages(x_train, y_train, CLASSES)
-    pipe = build_memory_pipeline(data, recipe["aug"], args.image_size, args.batch_size, dist, args.seed,
-                                 channels_last=args.channels_last, description="Fashion-MNIST train")
+    pipe = build_memory_pipeline(data, aug=recipe["aug"], image_size=args.image_size, batch_size=args.batch_size,
+                                 dist=dist, seed=args.seed, channels_last=args.channels_last,
+                                 description="Fashion-MNIST train")
     logger.info("%s: %s", METHOD_NAMES[method], pipe.description)
     lr = (args.lr if args.lr is not None else recipe["lr"]) * args.batch_size / 256
     opt_args = {"name": recipe["optimizer"], "lr": lr, "wd": recipe["wd"]}
@@ -262,9 +264,8 @@ def pretrain(method: str, args, x_train: torch.Tensor, y_train: torch.Tensor, x_
     optimizer = build_optimizer(opt_args["name"], model.parameters(), lr, weight_decay=opt_args["wd"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     base_m = opts.get("m")
-    ctx = StepContext(method=method, epochs=epochs, steps_per_epoch=steps_per_epoch, base_lr=lr, cos=True,
-                      schedule=[], warmup_epochs=args.warmup_frac * epochs, base_m=base_m if method != "moco" else None,
-                      m_cos=method == "byol", amp="none", print_freq=50, global_batch=args.batch_size, dist=dist)
+    ctx = StepContext(epochs=epochs, steps_per_epoch=steps_per_epoch, base_lr=lr, cos=True,
+                      schedule=[], warmup_epochs=args.warmup_frac * epochs, amp="none", print_freq=50, global_batch=args.batch_size, dist=dist)
     # Monitor: a fixed 5k-image bank and 1k queries from the test set (not the reported figures).
     g = torch.Generator().manual_seed(args.seed)
     bank = torch.randperm(len(x_train), generator=g)[:5000]
@@ -280,7 +281,7 @@ def pretrain(method: str, args, x_train: torch.Tensor, y_train: torch.Tensor, x_
         pipe.sampler.set_epoch(epoch, start)
         batches = Budgeted(pipe.loader, n, deadline)
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, batches, pipe.to_device, optimizer, scaler, epoch, start, ctx)
+        stats = train_one_epoch(model, batches, pipe.views, optimizer, scaler, epoch, start, ctx)
         train_time += time.perf_counter() - t0
         ran_out = batches.ran_out
         done += batches.yielded

@@ -193,8 +193,8 @@ def engine_rate(arch: str, size: int, batch: int, device: torch.device, steps: i
     views = [torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last) for _ in range(2)]
     amp = "bf16" if device.type == "cuda" else "none"
     batches = [(views, torch.zeros(batch), torch.zeros(batch, dtype=torch.long))] * steps
-    ctx = StepContext(method="moco", epochs=1, steps_per_epoch=steps, base_lr=0.03, cos=True, schedule=[],
-                      warmup_epochs=0.0, base_m=0.99, m_cos=False, amp=amp, print_freq=10**9, global_batch=batch,
+    ctx = StepContext(epochs=1, steps_per_epoch=steps, base_lr=0.03, cos=True, schedule=[],
+                      warmup_epochs=0.0, amp=amp, print_freq=10**9, global_batch=batch,
                       dist=DistInfo(device=device))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     rates = []

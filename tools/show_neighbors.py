@@ -38,15 +38,22 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ssl"))
 
-from selfsup.builder import ARCHS  # noqa: E402
 from selfsup.checkpoint import CheckpointError  # noqa: E402
-from selfsup.data import (DEMO_ROOT, FASHION_MNIST_CLASSES, FASHION_MNIST_DEBIAN, ImageDataset,  # noqa: E402
-                          find_samples, load_fashion_mnist, load_image, resolve_split_dir)
+from selfsup.data import (  # noqa: E402
+    DEMO_ROOT,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DEBIAN,
+    ImageDataset,
+    find_samples,
+    load_fashion_mnist,
+    load_image,
+    resolve_split_dir,
+)
 from selfsup.knn import extract_features, make_eval_loader  # noqa: E402
-from selfsup.lincls import build_probe, eval_transform, load_pretrained  # noqa: E402
-from selfsup.loader import to_rgb  # noqa: E402
+from selfsup.networks import ARCHS  # noqa: E402
+from selfsup.presets import to_rgb  # noqa: E402
+from selfsup.probe import build_probe, eval_transform, load_pretrained  # noqa: E402
 
 QUERY_COLOUR, SAME_COLOUR, OTHER_COLOUR = "#1f4fa8", "#1a9641", "#d7191c"
 # Figure layout, in inches: an image cell, the gap after the query column (in cells), a cell's

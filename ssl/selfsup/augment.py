@@ -27,14 +27,13 @@ GPU; they are tiny and move to the device with the batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .loader import IMAGENET_MEAN, IMAGENET_STD, Preset, ViewSpec
-from .sampler import mix_seed
+from .crops import host_to, resized_crop, sample_crop_boxes, to_unit_float
+from .presets import IMAGENET_MEAN, IMAGENET_STD, Preset, ViewSpec
 
 # torchvision's rgb_to_grayscale on tensors (ITU-R 601-2 luma, as Pillow's "L" conversion up to
 # Pillow's 16-bit fixed point: 0.299, 0.587, 0.114).
@@ -46,12 +45,6 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # On a CPU the batch is processed in chunks of about this many bytes of float32 pixels, so the
 # intermediate tensors of the ~40 elementwise steps stay in cache.
 CPU_CHUNK_BYTES = 6 << 20
-
-
-def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-    """The CPU generator of one step's device-side augmentation: a function of (seed, epoch,
-    step, rank) only, so a resumed run draws exactly the same parameters."""
-    return torch.Generator().manual_seed(mix_seed(seed, epoch, step, rank, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +116,6 @@ def sample_view_params(spec: ViewSpec, n: int, generator: torch.Generator) -> Vi
 # Batched functional operations. x: N x 3 x H x W float in [0, 1]; factors: N (on x.device).
 # The trailing-underscore versions work in place and return x.
 # ----------------------------------------------------------------------------------------------
-
-
-def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a small CPU tensor (parameters, indices) to `device` without a stream sync: a copy
-    from pageable memory would wait for the GPU's queued work, pinned memory does not."""
-    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -442,104 +427,6 @@ class BatchAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, out_dtype={self.out_dtype}, channels_last={self.channels_last}"
-
-
-def to_unit_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1] (as ToTensor: x / 255); float input is copied as float32."""
-    if x.dtype == torch.uint8:
-        return torch.div(x, 255.0)  # one kernel: ToTensor's x.float().div(255)
-    return x.float().clone() if x.dtype == torch.float32 else x.float()
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched random resized crop and flip (for images held in memory)
-# ----------------------------------------------------------------------------------------------
-
-
-def fallback_crop_size(width: int, height: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """(w, h) of RandomResizedCrop.get_params' fallback box, taken when no sampled box fits: the
-    whole image, cut to the nearest allowed aspect ratio (centred by the caller)."""
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        return width, int(round(width / min(ratio)))
-    if in_ratio > max(ratio):
-        return int(round(height * max(ratio))), height
-    return width, height
-
-
-def sample_crop_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-    attempts: int = 10,
-) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for `n` images of one size, vectorised.
-
-    Up to `attempts` (area fraction, log aspect ratio) pairs per sample, the first that fits
-    wins; none fits -> the central crop clamped to `ratio`. Returns N x 4 long (top, left, h, w).
-    """
-    g = generator
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=g, dtype=torch.float64))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=g, dtype=torch.float64))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # index of the first fitting attempt
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    found = ok.any(dim=1)
-    fw, fh = fallback_crop_size(width, height, ratio)
-    w = torch.where(found, w, float(fw))
-    h = torch.where(found, h, float(fh))
-    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
-    top = torch.where(found, top, float((height - fh) // 2))
-    left = torch.where(found, left, float((width - fw) // 2))
-    return torch.stack([top, left, h, w], dim=1).long()
-
-
-def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
-    """Antialiased bilinear resampling of the windows [start, start + length) of a line of
-    `in_size` pixels to `out_size` pixels, one matrix per sample: N x out_size x in_size.
-
-    The triangle filter is stretched by the downscaling factor and renormalised over the
-    window, as Pillow's resize (and torch's antialias=True) after a crop.
-    """
-    start = start.double().view(-1, 1, 1)
-    length = length.double().view(-1, 1, 1)
-    scale = length / out_size
-    support = torch.clamp(scale, min=1.0)
-    centre = start + (torch.arange(out_size, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale  # N x out x 1
-    pix = torch.arange(in_size, dtype=torch.float64).view(1, 1, -1) + 0.5  # 1 x 1 x in
-    w = torch.clamp(1.0 - (pix - centre).abs() / support, min=0.0)
-    w = w * ((pix > start) & (pix < start + length))
-    return (w / w.sum(dim=2, keepdim=True)).float()
-
-
-def resized_crop(
-    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Crop each image to its box, resize to size x size (antialiased bilinear) and optionally
-    mirror it, in two batched matrix products.
-
-    images: N x C x H x W (uint8 or float); boxes: N x 4 (top, left, h, w); flip: N bool.
-    Returns N x C x size x size float32 in the input's scale (uint8 input -> [0, 1]).
-    """
-    n, c, h, w = images.shape
-    boxes = boxes.cpu()
-    wy = resize_weights(boxes[:, 0], boxes[:, 2], h, size)  # N x S x H
-    wx = resize_weights(boxes[:, 1], boxes[:, 3], w, size)  # N x S x W
-    if flip is not None:
-        wx = torch.where(flip.cpu().view(-1, 1, 1), wx.flip(1), wx)
-    wy, wx = host_to(wy, images.device), host_to(wx, images.device)
-    x = to_unit_float(images) if images.dtype == torch.uint8 else images.float()
-    x = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))  # N x C x H x S
-    return torch.matmul(wy.unsqueeze(1), x)  # N x C x S x S
 
 
 # ----------------------------------------------------------------------------------------------

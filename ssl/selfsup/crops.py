@@ -1,4 +1,7 @@
-"""The CPU half of the split loader: decode each image once and cut both random resized crops.
+"""Crop geometry, in one place: torchvision's RandomResizedCrop boxes drawn per image (in the
+loader workers) or per batch (for images held in memory), and the antialiased resize of a box.
+
+The CPU half of the split loader: decode each image once and cut both random resized crops.
 
 Per image, in a data-loading worker: read the header, draw both views' RandomResizedCrop boxes
 and flips (torchvision's distribution, seeded per sample by the sampler), decode once - at a
@@ -21,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .augment import TwoViewAugment, augment_generator, fallback_crop_size
 from .data import ImageDataset
-from .loader import Preset, to_rgb
+from .presets import Preset, to_rgb
 
 # JPEG's DCT scaling as Pillow exposes it: decode at 1/2, 1/4 or 1/8 of the size.
 DRAFT_FACTORS = (8, 4, 2)
@@ -143,26 +145,107 @@ class TwoCropsDataset(ImageDataset):
         return [resized_crop_uint8(image, b, self.image_size, fl) for b, fl in zip(boxes, flips)]
 
 
-class TwoCropsBatches(torch.utils.data.Dataset):
-    """Whole batches of a TwoCropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
-    (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a small CPU tensor (parameters, indices) to `device` without a stream sync: a copy
+    from pageable memory would wait for the GPU's queued work, pinned memory does not."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
-    With `augment`, the batched colour half runs here too, with the generator the device would
-    use for that step (augment_generator(seed, epoch, step, rank)): what a CPU-only run does, so
-    that the colour work stays in the loader workers, in parallel with the training step, at the
-    batched cost per image. Without it the views stay uint8 for the device.
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1] (as ToTensor: x / 255); float input is copied as float32."""
+    if x.dtype == torch.uint8:
+        return torch.div(x, 255.0)  # one kernel: ToTensor's x.float().div(255)
+    return x.float().clone() if x.dtype == torch.float32 else x.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched random resized crop and flip (for images held in memory)
+# ----------------------------------------------------------------------------------------------
+
+
+def fallback_crop_size(width: int, height: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(w, h) of RandomResizedCrop.get_params' fallback box, taken when no sampled box fits: the
+    whole image, cut to the nearest allowed aspect ratio (centred by the caller)."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return width, int(round(width / min(ratio)))
+    if in_ratio > max(ratio):
+        return int(round(height * max(ratio))), height
+    return width, height
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for `n` images of one size, vectorised.
+
+    Up to `attempts` (area fraction, log aspect ratio) pairs per sample, the first that fits
+    wins; none fits -> the central crop clamped to `ratio`. Returns N x 4 long (top, left, h, w).
     """
+    g = generator
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=g, dtype=torch.float64))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=g, dtype=torch.float64))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # index of the first fitting attempt
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    found = ok.any(dim=1)
+    fw, fh = fallback_crop_size(width, height, ratio)
+    w = torch.where(found, w, float(fw))
+    h = torch.where(found, h, float(fh))
+    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, float((height - fh) // 2))
+    left = torch.where(found, left, float((width - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1).long()
 
-    def __init__(self, dataset: TwoCropsDataset, augment: TwoViewAugment | None = None, seed: int = 0,
-                 rank: int = 0) -> None:
-        self.dataset, self.augment, self.seed, self.rank = dataset, augment, seed, rank
 
-    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
-        epoch, step, items = key
-        out = [self.dataset[item] for item in items]
-        views = [torch.stack([o[0][k] for o in out]) for k in (0, 1)]
-        labels = torch.tensor([o[1] for o in out])
-        skipped = torch.tensor([o[2] for o in out])
-        if self.augment is not None:
-            views = self.augment(views, augment_generator(self.seed, epoch, step, self.rank))
-        return views, labels, skipped
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Antialiased bilinear resampling of the windows [start, start + length) of a line of
+    `in_size` pixels to `out_size` pixels, one matrix per sample: N x out_size x in_size.
+
+    The triangle filter is stretched by the downscaling factor and renormalised over the
+    window, as Pillow's resize (and torch's antialias=True) after a crop.
+    """
+    start = start.double().view(-1, 1, 1)
+    length = length.double().view(-1, 1, 1)
+    scale = length / out_size
+    support = torch.clamp(scale, min=1.0)
+    centre = start + (torch.arange(out_size, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale  # N x out x 1
+    pix = torch.arange(in_size, dtype=torch.float64).view(1, 1, -1) + 0.5  # 1 x 1 x in
+    w = torch.clamp(1.0 - (pix - centre).abs() / support, min=0.0)
+    w = w * ((pix > start) & (pix < start + length))
+    return (w / w.sum(dim=2, keepdim=True)).float()
+
+
+def resized_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Crop each image to its box, resize to size x size (antialiased bilinear) and optionally
+    mirror it, in two batched matrix products.
+
+    images: N x C x H x W (uint8 or float); boxes: N x 4 (top, left, h, w); flip: N bool.
+    Returns N x C x size x size float32 in the input's scale (uint8 input -> [0, 1]).
+    """
+    n, c, h, w = images.shape
+    boxes = boxes.cpu()
+    wy = resize_weights(boxes[:, 0], boxes[:, 2], h, size)  # N x S x H
+    wx = resize_weights(boxes[:, 1], boxes[:, 3], w, size)  # N x S x W
+    if flip is not None:
+        wx = torch.where(flip.cpu().view(-1, 1, 1), wx.flip(1), wx)
+    wy, wx = host_to(wy, images.device), host_to(wx, images.device)
+    x = to_unit_float(images) if images.dtype == torch.uint8 else images.float()
+    x = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))  # N x C x H x S
+    return torch.matmul(wy.unsqueeze(1), x)  # N x C x S x S

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loader import to_rgb
-from .sampler import seeded
+from .presets import to_rgb
+from .rng import seeded
+from .stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# The small real dataset that ships with the repository (see data/README.md).
+# The small real dataset that ships with the repository (see data/fashion-mnist-demo/README.md).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_ROOT = REPO_ROOT / "data" / "fashion-mnist-demo"
 
@@ -108,11 +109,6 @@ class ImageDataset(torch.utils.data.Dataset):
         self.replace_unreadable = replace_unreadable
         self._warned: set[str] = set()
 
-    @classmethod
-    def from_folder(cls, root: str | os.PathLike, transform: Callable | None = None) -> "ImageDataset":
-        samples, classes = find_samples(root)
-        return cls(samples, transform, classes)
-
     @property
     def targets(self) -> list[int]:
         return [s[1] for s in self.samples]
@@ -152,6 +148,31 @@ class ImageDataset(torch.utils.data.Dataset):
         """Decode one file; an error raised here marks the file unreadable. Subclasses that
         decode inside their augmentation (selfsup.crops) override this."""
         return self.loader(path)
+
+
+def training_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler,
+    *,
+    batch_size: int | None,
+    workers: int,
+    seed: int,
+    pin_memory: bool,
+    drop_last: bool = False,
+    collate_fn: Callable | None = None,
+) -> torch.utils.data.DataLoader:
+    """The DataLoader of a training run that resumes exactly (pretraining, the linear probe on
+    images, detection).
+
+    Its own generator, seeded: starting an epoch draws the workers' base seed from it, not from
+    the global stream, which would otherwise shift on resume (the augmentation itself is seeded
+    per sample by the sampler). Persistent workers that leave stop signals to the main process.
+    `batch_size=None` for samplers that yield whole batches (StepBatchSampler).
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        drop_last=drop_last, collate_fn=collate_fn, persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
 def verify_images(samples: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:

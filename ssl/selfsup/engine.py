@@ -1,40 +1,36 @@
-"""The pretraining loop: one epoch of steps, with schedules, mixed precision and stop requests."""
+"""Pretraining: the epoch loop (`fit`) and its steps (`train_one_epoch`).
+
+`fit` runs the epochs: each one's steps, BatchNorm statistics made one model, the checkpoints
+(every epoch, every --save-every-steps steps, and at a stop signal), the online kNN, the collapse
+signal, and the epoch's report (log line, metrics.jsonl, TensorBoard). `train_one_epoch` runs the
+steps: schedules, mixed precision, the method's loss through the DDP wrapper, one fused check
+for non-finite losses, stop requests and skipped files, and the progress line.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .distributed import DistInfo, all_reduce_sum
-from .optim import cosine_lr, cosine_momentum, set_lr, step_lr
+from .checkpoint import CheckpointError
+from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
+from .meters import MetricsWriter
+from .monitor import KNNMonitor, check_collapse, embedding_std
+from .networks import unwrap
+from .optim import cosine_lr, set_lr, step_lr
+from .resume import Checkpointer
+from .stopping import NonFiniteLossError, StopRequest
 
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the step that would spread it."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def autocast(device: torch.device, amp: str):
@@ -44,71 +40,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def compute_loss(method: str, output) -> torch.Tensor:
-    """MoCo returns (logits, labels) like facebookresearch/moco; BYOL and SimCLR return the loss."""
-    if method == "moco":
-        logits, labels = output
-        return F.cross_entropy(logits.float(), labels)
-    return output
-
-
-@torch.no_grad()
-def embedding_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean over dimensions of the per-dimension std of L2-normalised embeddings (SimSiam, Sec. 4.1).
-
-    About 1/sqrt(dim) for well-spread embeddings; 0 when they collapse to one point. A 0-dim
-    tensor on z's device (reading it would make the host wait for the accelerator).
-    """
-    z = F.normalize(z.float(), dim=1)  # N x dim
-    return z.std(dim=0).mean()
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGUSR1 (SLURM's pre-emption warning) into a flag checked at step
-    boundaries, so the run can write a checkpoint and exit cleanly."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> "StopRequest":
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
 @dataclass
 class StepContext:
     """What a step needs to know besides the model and the batch."""
 
-    method: str
     epochs: int
     steps_per_epoch: int
     base_lr: float
     cos: bool
     schedule: list[int]
     warmup_epochs: float
-    base_m: float | None
-    m_cos: bool
     amp: str
     print_freq: int
     global_batch: int
@@ -120,12 +61,6 @@ def learning_rate(ctx: StepContext, epoch_float: float) -> float:
     if ctx.cos:
         return cosine_lr(ctx.base_lr, epoch_float, ctx.epochs, ctx.warmup_epochs)
     return step_lr(ctx.base_lr, epoch_float, ctx.schedule, ctx.warmup_epochs)
-
-
-def ema_momentum(ctx: StepContext, epoch_float: float) -> float | None:
-    if ctx.base_m is None:
-        return None
-    return cosine_momentum(ctx.base_m, epoch_float, ctx.epochs) if ctx.m_cos else ctx.base_m
 
 
 def _step_flags(loss: torch.Tensor, stop: bool, skipped: int) -> torch.Tensor:
@@ -158,7 +93,7 @@ def _to_host_async(x: torch.Tensor) -> Callable[[], list[float]]:
 def train_one_epoch(
     model: nn.Module,
     loader,
-    to_device: Callable,
+    make_views: Callable,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     epoch: int,
@@ -169,7 +104,9 @@ def train_one_epoch(
 ) -> dict:
     """Train for the rest of epoch `epoch`, from step `start_step`.
 
-    `after_step(steps_done, meter_state)` runs after every optimizer step (step checkpoints);
+    `make_views(batch, epoch, step)` turns the loader's batch into the two views on the device
+    (selfsup.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
+    (step checkpoints);
     `meter_state` from such a checkpoint makes the epoch's averages cover the steps before the
     interruption too. Returns the epoch's averages; `stopped_at` is set when a stop signal ended
     the epoch early. Raises NonFiniteLossError, on every process, before applying a
@@ -201,14 +138,11 @@ def train_one_epoch(
         epoch_float = epoch + step / ctx.steps_per_epoch
         lr = learning_rate(ctx, epoch_float)
         set_lr(optimizer, lr)
-        momentum = ema_momentum(ctx, epoch_float)
-        if momentum is not None:
-            core.m = momentum
+        momentum = core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
 
-        views = to_device(views, epoch, step)
+        views = make_views(views, epoch, step)
         with autocast(device, ctx.amp):
-            output = model(views[0], views[1])
-        loss = compute_loss(ctx.method, output)
+            loss = model(views[0], views[1], return_loss=True)  # through DDP, which must see this call
         flags = _to_host_async(all_reduce_sum(_step_flags(loss, ctx.stop.requested, int(skipped.sum()))))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -253,6 +187,7 @@ def train_one_epoch(
         "data_time": data_time / steps_done if steps_done else None,
         "skipped_images": skipped_total,
         "stopped_at": stopped_at,
+        "meter_state": {"loss_sum": float(loss_sum), "count": count, "skipped": skipped_total},
     }
 
 
@@ -270,3 +205,79 @@ def _progress_line(ctx: StepContext, epoch: int, step: int, loss: float, loss_av
     return (f"Epoch: [{epoch}][{step:{width}d}/{ctx.steps_per_epoch}]  loss {loss:.4f} (avg {loss_avg:.4f})  "
             f"lr {lr:.4g}  {steps_done * ctx.global_batch / max(elapsed, 1e-9):.1f} img/s  "
             f"data {100 * data_time / max(elapsed, 1e-9):.0f}%  eta {eta(left_epoch)} (run {eta(left_run)})")
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, pipeline,
+        ctx: StepContext, checkpointer: Checkpointer, metrics: MetricsWriter, *, start_epoch: int = 0,
+        start_step: int = 0, meter_state: dict | None = None, monitor: KNNMonitor | None = None,
+        knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0, embed_dim: int = 128) -> int:
+    """Train epochs start_epoch .. ctx.epochs - 1 (the first from `start_step`) and report them.
+
+    `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.pipeline.Pipeline;
+    `checkpointer.save(*copies, epoch=, step=, meters=)` writes a checkpoint holding where to
+    continue; `meter_state` (from a step checkpoint) makes the first epoch's averages cover the
+    steps before the interruption. Every `knn_every` epochs (and after the last) `monitor`
+    measures the online kNN. Returns the exit status: 0 when done or stopped by a signal (a
+    checkpoint written), 1 on a non-finite loss or a checkpoint that could not be written.
+    """
+    core = unwrap(model)
+    steps = ctx.steps_per_epoch
+    ctx.stop.install()
+    try:
+        for epoch in range(start_epoch, ctx.epochs):
+            first = start_step if epoch == start_epoch else 0
+            pipeline.sampler.set_epoch(epoch, first)
+            t0 = time.time()
+
+            def after_step(steps_done: int, meters: dict, epoch: int = epoch) -> None:
+                global_step = epoch * steps + steps_done
+                if save_every_steps and global_step % save_every_steps == 0 and steps_done < steps:
+                    checkpointer.save(epoch=epoch, step=steps_done, meters=meters)  # epoch ends: below
+
+            stats = train_one_epoch(model, pipeline.loader, pipeline.views, optimizer, scaler, epoch, first, ctx,
+                                    after_step, meter_state if epoch == start_epoch else None)
+            # One model on every process before it is saved and evaluated: the BatchNorm running
+            # statistics of each process followed its own batches (see broadcast_buffers_).
+            broadcast_buffers_(core)
+            if stats["stopped_at"] is not None and stats["stopped_at"] < steps:
+                checkpointer.save(epoch=epoch, step=stats["stopped_at"], meters=stats["meter_state"])
+                logger.info("stop signal %s: checkpoint written at epoch %d step %d; rerun the same command to resume",
+                            ctx.stop.signum, epoch, stats["stopped_at"])
+                return 0
+            periodic = (epoch + 1) % save_freq == 0 or epoch + 1 == ctx.epochs
+            checkpointer.save(*([f"checkpoint_{epoch:04d}.pth.tar"] if periodic else []), epoch=epoch + 1, step=0,
+                              meters=None)
+            record = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("stopped_at", "meter_state")},
+                      "epoch_time_s": time.time() - t0}
+            if monitor is not None and ((epoch + 1) % knn_every == 0 or epoch + 1 == ctx.epochs):
+                t1 = time.time()
+                record.update(monitor(core.encoder_q), knn_time_s=time.time() - t1)
+            record["collapse_warning"] = check_collapse(stats["embed_std"], embed_dim, epoch)
+            metrics.write(record, step=epoch, prefix="pretrain/")
+            logger.info(_epoch_line(record, embed_dim))
+            if stats["stopped_at"] is not None:
+                logger.info("stop signal %s at the end of epoch %d: checkpoint written; rerun to resume",
+                            ctx.stop.signum, epoch)
+                return 0
+    except NonFiniteLossError as e:
+        latest = checkpointer.latest
+        logging.getLogger().error("error: %s Last good checkpoint: %s", e, latest if latest.exists() else "none yet")
+        return 1
+    except CheckpointError as e:
+        logging.getLogger().error("error: %s Training stopped; rerun the same command once the problem is fixed "
+                                  "to resume from the last checkpoint.", e)
+        return 1
+    finally:
+        ctx.stop.uninstall()
+    logger.info("Done: %d epochs. Latest checkpoint: %s", ctx.epochs, checkpointer.latest)
+    return 0
+
+
+def _epoch_line(record: dict, embed_dim: int) -> str:
+    """`Epoch 3 done: loss 6.1234  lr 0.03  m 0.9960  kNN top-1 61.80  std 0.0810 (1/sqrt(d) 0.0884)  412.0 img/s  25s`."""
+    return (f"Epoch {record['epoch']} done: loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
+            + (f"m {record['momentum']:.4f}  " if record["momentum"] is not None else "")
+            + (f"kNN top-1 {record['knn_top1']:.2f}  " if "knn_top1" in record else "")
+            + f"std {record['embed_std'] or 0:.4f} (1/sqrt(d) {embed_dim ** -0.5:.4f})  "
+            + f"{record['images_per_s'] or 0:.1f} img/s  {record['epoch_time_s']:.0f}s"
+            + (f"  skipped {record['skipped_images']} unreadable image(s)" if record["skipped_images"] else ""))

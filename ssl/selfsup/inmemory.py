@@ -9,7 +9,7 @@ CIFAR images 150 MB), a batch is one indexing operation, and crop, flip and colo
     pipeline = build_memory_pipeline(data, "simclr", 32, batch_size=256, dist=DistInfo(), seed=0)
 
 The loader yields the sampler's indices (ResumableDistributedSampler order, so resume is exact);
-`pipeline.to_device(indices, epoch, step)` gathers, crops and augments them with a generator
+`pipeline.views(indices, epoch, step)` gathers, crops and augments them with a generator
 seeded from (seed, epoch, step, rank).
 """
 
@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import TwoViewAugment, augment_generator
 from .data import find_samples
-from .loader import to_rgb
+from .presets import to_rgb
 from .sampler import ResumableDistributedSampler
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class InMemoryImages:
             if len(self.labels) != n:
                 raise ValueError(f"{n} images but {len(self.labels)} labels")
         self.classes = list(classes)
-        self.skipped = 0  # unreadable files left out by from_folder
+        self.skipped = 0  # unreadable files left out by from_folder / from_samples
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, max_bytes: int = 4 << 30) -> "InMemoryImages":
@@ -155,23 +154,3 @@ class IndexBatchLoader:
 
     def __len__(self) -> int:
         return len(self.sampler) // self.sampler.batch_size
-
-
-class InMemoryBatches(torch.utils.data.Dataset):
-    """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
-    keys (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)`.
-
-    What a CPU-only run's loader workers make, so that the augmentation overlaps with the
-    training step; the generator is the one the device would use for that step, so the views
-    are those of `build_memory_pipeline(...).to_device`.
-    """
-
-    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int) -> None:
-        self.data, self.augment, self.seed, self.rank = data, augment, seed, rank
-
-    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
-        epoch, step, items = key
-        index = torch.tensor([i for i, _ in items])
-        views = self.augment.forward_from_images(self.data.images[index],
-                                                 augment_generator(self.seed, epoch, step, self.rank))
-        return views, self.data.labels[index], torch.zeros(len(index), dtype=torch.long)

@@ -15,15 +15,16 @@ dataset size and any number of processes.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .distributed import all_reduce_sum, concat_all_gather, get_rank, get_world_size
 from .meters import accuracy
+from .sampler import ShardSampler, shard_range
 
 logger = logging.getLogger(__name__)
 
@@ -31,32 +32,6 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Exact sharding
 # ----------------------------------------------------------------------------------------------
-
-
-def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[start, end) of rank `rank`'s block of range(n): sizes differ by at most one, blocks are
-    disjoint, cover range(n) and follow each other in rank order."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-class ShardSampler(Sampler[int]):
-    """This process's contiguous block of range(n), in order: every sample on exactly one process.
-
-    Unlike DistributedSampler it neither pads (which would count samples twice) nor drops any;
-    a process may get one sample fewer than another, or none at all when n < world size.
-    """
-
-    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.n = n
-        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
-        self.rank = get_rank() if rank is None else rank
-        self.start, self.end = shard_range(n, self.num_replicas, self.rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.end))
-
-    def __len__(self) -> int:
-        return self.end - self.start
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:

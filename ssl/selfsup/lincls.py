@@ -17,270 +17,31 @@ the correct counts are summed, so top-1/top-5 equal the single-process figures.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 
-from .builder import ARCHS, backbone_constructor
-from .checkpoint import CheckpointError, extract_backbone, infer_arch_info, load_backbone, load_checkpoint, save_atomic
-from .data import ImageDataset, find_samples
-from .distributed import DistInfo, all_reduce_sum, concat_all_gather, get_rank
-from .engine import NonFiniteLossError
-from .knn import extract_features
-from .loader import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
-from .meters import AverageMeter, ProgressMeter, accuracy
-from .optim import LARS, set_lr
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .cli import UsageError, wrap_ddp
+from .data import training_loader
+from .distributed import DistInfo, all_reduce_sum, get_rank
+from .knn import extract_features, make_eval_loader
+from .meters import AverageMeter, MetricsWriter, ProgressMeter, accuracy
+from .optim import set_lr
+from .probe import LinearProbe, Pretrained, SanityCheckError, changed_backbone_keys, sanity_check
+from .resume import differences, run_state
 from .sampler import ResumableDistributedSampler
+from .stopping import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
-
-TRAIN_AUGS = ("standard", "none")
-
-
-class SanityCheckError(RuntimeError):
-    """The backbone changed while only the linear classifier was meant to train."""
-
-
-class UsageError(ValueError):
-    """Bad input found before training: the scripts print it as one message and exit with 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup shared by main_lincls.py and main_knn.py
-# ----------------------------------------------------------------------------------------------
-
-
-def check_global_batch(global_batch: int, world_size: int) -> int:
-    """The per-process batch of a global `global_batch`; a UsageError when it does not divide."""
-    if global_batch <= 0 or global_batch % world_size:
-        raise UsageError(
-            f"--batch-size {global_batch} is the global batch and must divide by the {world_size} processes; "
-            f"use e.g. --batch-size {max(world_size, global_batch // world_size * world_size)}"
-        )
-    return global_batch // world_size
-
-
-def default_output_dir(pretrained: str | os.PathLike, kind: str) -> Path:
-    """Results next to the evaluated checkpoint: `<its folder>/<kind>` for checkpoint.pth.tar,
-    `<its folder>/<kind>-<name>` for any other file (e.g. lincls-checkpoint_0199)."""
-    path = Path(pretrained)
-    name = path.name.removesuffix(".tar").removesuffix(".pth")
-    return path.parent / (kind if name == "checkpoint" else f"{kind}-{name}")
-
-
-def agree_on_error(error: BaseException | None, dist: DistInfo) -> bool:
-    """True when setup failed on any process. Call it on every process after a setup that runs
-    no collective. The message is printed once - by rank 0 if it failed, else by the lowest
-    failing rank - and every process can then exit with the same status instead of hanging in
-    the first collective of the others."""
-    flags = torch.tensor([0.0 if error is None else 1.0], device=dist.device)
-    flags = concat_all_gather(flags) if dist.distributed else flags
-    failed = [r for r, f in enumerate(flags.tolist()) if f]
-    if failed and error is not None and dist.rank == failed[0]:
-        where = f" (rank {dist.rank})" if dist.rank else ""
-        print(f"error{where}: {error}", file=sys.stderr, flush=True)
-    return bool(failed)
-
-
-# ----------------------------------------------------------------------------------------------
-# The pretrained backbone
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """A pretrained backbone as linear evaluation needs it."""
-
-    path: str
-    weights: dict[str, torch.Tensor]  # torchvision ResNet names, no fc
-    arch: str
-    small_stem: bool
-    image_size: int | None  # the pretraining crop size when the checkpoint records it
-    method: str | None
-
-
-def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrained:
-    """Read the backbone of a pretraining checkpoint (this project's three methods,
-    facebookresearch/moco's, moco-v3's, or a plain torchvision state dict).
-
-    `arch` (the -a flag) is optional: the checkpoint's own record wins, and a different `arch` is
-    an error rather than a silently mismatched model. Raises CheckpointError or ValueError with
-    a message that names the file and the fix.
-    """
-    ckpt = load_checkpoint(path)
-    weights = extract_backbone(ckpt)
-    info = infer_arch_info(ckpt)
-    if arch is not None and info["arch"] is not None and arch != info["arch"]:
-        raise ValueError(
-            f"'{path}' holds a {info['arch']} backbone but -a {arch} was given; leave -a out to use the "
-            "checkpoint's architecture"
-        )
-    arch = arch or info["arch"]
-    if arch is None:
-        raise ValueError(f"'{path}' does not record its architecture; pass it with -a (one of {', '.join(ARCHS)})")
-    if arch not in ARCHS:
-        raise ValueError(f"'{path}' holds a {arch} backbone, which this project cannot build (valid: {', '.join(ARCHS)})")
-    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
-    image_size = saved_args.get("image_size")
-    return Pretrained(str(path), weights, arch, bool(info["small_stem"]),
-                      int(image_size) if image_size else None, info["method"])
-
-
-class LinearProbe(nn.Module):
-    """A frozen backbone (pooled features) followed by a trainable linear classifier `fc`.
-
-    The backbone stays in eval mode whatever `train()` asks, so BatchNorm normalises with the
-    pretrained running statistics and never updates them - under the linear protocol no part
-    of the pretrained model may change, and BatchNorm statistics are part of it.
-    """
-
-    def __init__(self, backbone: nn.Module, fc: nn.Linear) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.fc = fc
-        for p in self.backbone.parameters():
-            p.requires_grad = False
-        self.backbone.eval()
-
-    def train(self, mode: bool = True) -> "LinearProbe":
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: N x 3 x H x W -> N x D, without building a graph through the frozen backbone."""
-        with torch.no_grad():
-            return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))  # N x num_classes
-
-    def resnet_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under torchvision ResNet names (conv1..., fc.weight), loadable into
-        torchvision.models.<arch>(num_classes=C)."""
-        state = dict(self.backbone.state_dict())
-        state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
-        return state
-
-    def load_resnet_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.fc.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("fc.")})
-        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
-
-
-def build_probe(
-    arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None
-) -> LinearProbe:
-    """A torchvision ResNet with the pretrained `weights` (or random ones for a baseline), frozen,
-    and a new fc initialised N(0, 0.01) with zero bias (MoCo, SimCLR).
-
-    The weights must fill every backbone parameter and buffer: the only keys allowed to be
-    missing are fc.weight and fc.bias, anything else is a CheckpointError listing the keys.
-    """
-    net = backbone_constructor(arch, small_stem)(num_classes=num_classes)
-    if weights is not None:
-        load_backbone(net, weights)
-    fc = net.fc
-    nn.init.normal_(fc.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(fc.bias)
-    net.fc = nn.Identity()
-    return LinearProbe(net, fc)
-
-
-def changed_backbone_keys(probe: LinearProbe, reference: Mapping[str, torch.Tensor]) -> list[str]:
-    """Backbone entries (parameters and buffers) that differ from `reference`, or exist in only one."""
-    own = probe.backbone.state_dict()
-    changed = []
-    for k in sorted(set(own) | set(reference)):
-        if k not in own or k not in reference:
-            changed.append(k)
-        elif own[k].shape != reference[k].shape or not torch.equal(own[k].detach().cpu(), reference[k].detach().cpu()):
-            changed.append(k)
-    return changed
-
-
-def sanity_check(probe: LinearProbe, pretrained_path: str | os.PathLike) -> None:
-    """Re-read the pretrained checkpoint from disk and check that every backbone weight and
-    BatchNorm statistic is unchanged (MoCo's sanity_check). Raises SanityCheckError."""
-    changed = changed_backbone_keys(probe, extract_backbone(load_checkpoint(pretrained_path)))
-    if changed:
-        raise SanityCheckError(
-            f"{len(changed)} backbone entr{'y' if len(changed) == 1 else 'ies'} changed during linear classifier "
-            f"training (only fc may change): {changed[:8]}{' ...' if len(changed) > 8 else ''}. "
-            "Was the backbone left trainable, or BatchNorm in train mode?"
-        )
-    logger.info("sanity check passed: the backbone equals %s", pretrained_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    """Validation (and cached-feature) transform. ImageNet-sized data: resize the short side to
-    image_size * 256/224, centre crop (MoCo's 256 -> 224). Small images (<= 64 px, CIFAR,
-    Fashion-MNIST): resize to image_size, no crop - a crop would cut away the object."""
-    if image_size <= SMALL_IMAGE_MAX:
-        resize = [T.Resize((image_size, image_size))]
-    else:
-        resize = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def train_transform(image_size: int, aug: str) -> T.Compose:
-    """'standard': RandomResizedCrop + horizontal flip (MoCo, SimCLR, BYOL linear protocols);
-    'none': the validation transform, which makes cached features possible."""
-    if aug == "none":
-        return eval_transform(image_size)
-    if aug != "standard":
-        raise ValueError(f"unknown --train-aug '{aug}'; valid: {', '.join(TRAIN_AUGS)}")
-    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def linear_eval_datasets(
-    root: str | os.PathLike, train_tf: Callable, val_tf: Callable
-) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    """ROOT/train and ROOT/val as labelled datasets with the same classes.
-
-    Labels are positions in the sorted list of class folders, so a class missing from one split
-    would shift every label after it: differing classes are an error naming them.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder '{root}' does not exist (or is not a folder)")
-    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"linear evaluation needs ROOT/train and ROOT/val with one folder per class (ImageNet layout); "
-            f"'{root}' has no {' and no '.join(m + '/' for m in missing)}"
-        )
-    train_samples, train_classes = find_samples(root / "train")
-    val_samples, val_classes = find_samples(root / "val")
-    for split, classes in (("train", train_classes), ("val", val_classes)):
-        if not classes:
-            raise ValueError(f"'{root / split}' holds images but no class folders; linear evaluation needs labels")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise ValueError(
-            f"the classes of '{root / 'val'}' differ from those of '{root / 'train'}': "
-            f"only in train/: {only_train or 'none'}; only in val/: {only_val or 'none'}. Labels are positions "
-            "in the sorted class list, so both splits need the same class folders, each with at least one image."
-        )
-    train = ImageDataset(train_samples, train_tf, train_classes)
-    val = ImageDataset(val_samples, val_tf, val_classes, replace_unreadable=False)
-    return train, val, list(train_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,19 +122,6 @@ def image_batches(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, 
 # ----------------------------------------------------------------------------------------------
 # Training and validation
 # ----------------------------------------------------------------------------------------------
-
-
-def build_linear_optimizer(
-    name: str, params, lr: float, momentum: float, weight_decay: float, nesterov: bool = False
-) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov, as SimCLR's and BYOL's linear protocols) or LARS."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    if name == "lars":
-        if nesterov:
-            raise ValueError("--nesterov applies to --optimizer sgd only")
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer '{name}'; valid: sgd, lars")
 
 
 def _sum_over_processes(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -475,3 +223,149 @@ def validate(
         raise ValueError("validation set is empty")
     return {"val_loss": loss_total / n, "val_acc1": 100.0 * c1_total / n, "val_acc5": 100.0 * c5_total / n,
             "val_correct1": int(c1_total), "val_correct5": int(c5_total), "val_n": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The epochs
+# ----------------------------------------------------------------------------------------------
+
+
+def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, sampler: ResumableDistributedSampler,
+        *, dist: DistInfo, epochs: int, start_epoch: int, best_acc1: float, lr_at: Callable[[float], float],
+        global_batch: int, workers: int, seed: int, cached: bool, output_dir: Path, state: Callable[..., dict],
+        metrics: MetricsWriter, save_features: bool = False, print_freq: int = 10,
+        pretrained_path: str | None = None) -> int:
+    """Train the linear classifier `probe.fc` for epochs start_epoch .. epochs - 1, validating and
+    checkpointing after each; returns the exit status (1 on a non-finite loss or a failed check).
+
+    `cached`: compute the frozen features once (or read them from OUTPUT_DIR with
+    `save_features`) and train on them, every process on the whole global batches; otherwise the
+    image path, DDP over the classifier. `state(epoch=, best_acc1=, val=)` builds a checkpoint;
+    OUTPUT_DIR/checkpoint.pth.tar holds the latest, model_best.pth.tar the best epoch's. After
+    the first epoch the backbone is compared with `pretrained_path` on disk (MoCo's sanity check).
+    """
+    device = dist.device
+    local_batch = sampler.batch_size
+    val_loader = make_eval_loader(val_ds, local_batch, workers, device.type == "cuda")
+    if cached:
+        t0 = time.perf_counter()
+        train_loader = make_eval_loader(train_ds, local_batch, workers, device.type == "cuda")
+        fingerprint = {}
+        if save_features:
+            weights = probe.backbone.state_dict()
+            fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples)
+                           for name, ds in (("train", train_ds), ("val", val_ds))}
+        cache = {name: output_dir / f"features_{name}.pth" for name in fingerprint}  # empty without save_features
+        train_feats, train_labels = load_or_extract_features(probe.backbone, train_loader, device, cache.get("train"),
+                                                             fingerprint.get("train", ""))
+        val_feats, val_labels = load_or_extract_features(probe.backbone, val_loader, device, cache.get("val"),
+                                                         fingerprint.get("val", ""))
+        extract_s = time.perf_counter() - t0
+        logger.info("features of %d + %d images (%d dims) ready in %.1fs", train_feats.shape[0], val_feats.shape[0],
+                    train_feats.shape[1], extract_s)
+        metrics.write({"event": "features", "train_n": train_feats.shape[0], "val_n": val_feats.shape[0],
+                       "dim": train_feats.shape[1], "time_s": extract_s})
+        # The global batches of the image path (same permutation, see ResumableDistributedSampler),
+        # all on this process; the head is tiny, so rather than splitting them and averaging
+        # gradients, every process computes them all, identically.
+        replica_sampler = ResumableDistributedSampler(len(train_ds), global_batch, 1, 0, seed=seed)
+    else:
+        train_loader = training_loader(train_ds, sampler, batch_size=local_batch, workers=workers, seed=seed,
+                                       pin_memory=device.type == "cuda", drop_last=True)
+        fc = wrap_ddp(probe.fc, dist)  # only the classifier has gradients to average
+    steps = sampler.steps_per_epoch
+    t_start = last_save = time.perf_counter()
+    best_state = None  # the best epoch's checkpoint, until written
+    val: dict = {}
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            probe.train()  # the backbone stays in eval mode (LinearProbe.train)
+            if cached:  # every process trains the same classifier on whole global batches
+                replica_sampler.set_epoch(epoch)
+                batches = cached_train_batches(train_feats, train_labels, replica_sampler)
+                stats = train_linear_epoch(probe.fc, batches, optimizer, lr_at, epoch, steps, device, reduce=False)
+                val = validate(probe.fc, row_batches(val_feats, val_labels, global_batch), device, reduce=False)
+            else:
+                batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
+                stats = train_linear_epoch(fc, batches, optimizer, lr_at, epoch, steps, device, print_freq)
+                val = validate(probe, image_batches(val_loader, device), device)
+            is_best = val["val_acc1"] > best_acc1
+            best_acc1 = max(best_acc1, val["val_acc1"])
+            if dist.is_main:
+                ckpt = state(epoch=epoch + 1, best_acc1=best_acc1, val=val)
+                if is_best:  # a snapshot: the live fc and optimizer keep changing
+                    best_state = {**ckpt, "state_dict": {k: v.clone() for k, v in ckpt["state_dict"].items()},
+                                  "optimizer": copy.deepcopy(ckpt["optimizer"])}
+                # An epoch on cached features takes milliseconds: checkpoint once a minute and at the end
+                # rather than rewriting the whole backbone every epoch.
+                if not cached or epoch + 1 == epochs or time.perf_counter() - last_save >= 60:
+                    save_atomic(ckpt, output_dir / "checkpoint.pth.tar")
+                    if best_state is not None:
+                        save_atomic(best_state, output_dir / "model_best.pth.tar")
+                        best_state = None
+                    last_save = time.perf_counter()
+            if epoch == start_epoch and pretrained_path is not None:
+                sanity_check(probe, pretrained_path)  # every process checks its own copy
+            record = {"epoch": epoch, **stats, **val, "best_acc1": best_acc1, "epoch_time_s": time.perf_counter() - t0}
+            metrics.write(record, step=epoch, prefix="lincls/")
+            logger.info("Epoch %d: train loss %.4f acc@1 %.2f | val loss %.4f acc@1 %.2f acc@5 %.2f (best %.2f) | "
+                        "lr %.4g | %.1fs", epoch, stats["train_loss"], stats["train_acc1"], val["val_loss"],
+                        val["val_acc1"], val["val_acc5"], best_acc1, stats["lr"], record["epoch_time_s"])
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except SanityCheckError as e:
+        print(f"error: sanity check failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    logger.info("Done: %d epochs in %.1fs. Last: acc@1 %.2f acc@5 %.2f; best acc@1 %.2f. Classifier: %s",
+                epochs - start_epoch, time.perf_counter() - t_start, val["val_acc1"], val["val_acc5"], best_acc1,
+                output_dir / "checkpoint.pth.tar")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier checkpoints
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_KIND = "linear_classifier"
+
+
+def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args, dist: DistInfo, *, epoch: int,
+                     best_acc1: float, val: dict, arch: str, small_stem: bool, image_size: int, classes: list[str],
+                     pretrained: str | None) -> dict:
+    """A classifier checkpoint, in plain types (loads with weights_only=True). `state_dict` keys are
+    torchvision names with the DDP prefix, as MoCo's classifier checkpoints; its backbone part
+    feeds --pretrained too. `epoch` is the next epoch to train."""
+    return {
+        "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "small_stem": small_stem, "image_size": image_size,
+        "num_classes": len(classes), "classes": list(classes),
+        "state_dict": {f"module.{k}": v for k, v in probe.resnet_state_dict().items()},
+        "best_acc1": best_acc1, "val": dict(val), "pretrained": pretrained,
+        **run_state(optimizer, args, dist),
+    }
+
+
+def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str, classes: list[str],
+                       pretrained: Pretrained | None) -> None:
+    """Load a classifier checkpoint of main_lincls.py into `probe`, after checking it belongs to
+    this run: the same architecture, classes and pretrained backbone. Raises UsageError."""
+    if ckpt.get("kind") != CHECKPOINT_KIND and "best_acc1" not in ckpt:
+        raise UsageError(f"'{path}' is not a linear-classifier checkpoint (a pretraining one? pass it as --pretrained)")
+    problems = differences(ckpt, {"arch": arch}, ("arch",))
+    if "classes" in ckpt and list(ckpt["classes"]) != classes:
+        problems.append(f"{len(ckpt['classes'])} classes {list(ckpt['classes'])[:5]}... (this data: {len(classes)})")
+    if problems:
+        raise UsageError(f"'{path}' was trained in another setting: {', '.join(problems)}. Use a new --output-dir.")
+    try:
+        probe.load_resnet_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+    except RuntimeError as e:
+        raise UsageError(f"'{path}' does not fit this model: {str(e).splitlines()[0]}") from e
+    changed = changed_backbone_keys(probe, pretrained.weights) if pretrained is not None else []
+    if changed:
+        raise UsageError(
+            f"'{path}' holds a classifier trained on another backbone than {pretrained.path} "
+            f"({len(changed)} backbone entries differ, e.g. {changed[0]}): the pretrained checkpoint changed "
+            "since. Use a new --output-dir (or delete this one) to evaluate it afresh."
+        )

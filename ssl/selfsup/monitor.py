@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .knn import extract_features, knn_evaluate, make_eval_loader, resnet_features
@@ -24,6 +25,17 @@ logger = logging.getLogger(__name__)
 
 # Warn when the embedding std falls below this fraction of 1/sqrt(dim).
 COLLAPSE_FRACTION = 0.1
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the per-dimension std of L2-normalised embeddings (SimSiam, Sec. 4.1).
+
+    About 1/sqrt(dim) for well-spread embeddings; 0 when they collapse to one point. A 0-dim
+    tensor on z's device (reading it would make the host wait for the accelerator).
+    """
+    z = F.normalize(z.float(), dim=1)  # N x dim
+    return z.std(dim=0).mean()
 
 
 def collapse_ratio(embed_std: float, dim: int) -> float:
@@ -76,7 +88,7 @@ def folder_monitor(root: str | Path, image_size: int, batch_size: int, device: t
                    k: int = 200, T: float = 0.07,
                    transform: Callable | None = None) -> KNNMonitor:
     """A KNNMonitor over ROOT/train and ROOT/val class folders (the layout main_knn.py reads)."""
-    from .lincls import eval_transform, linear_eval_datasets
+    from .probe import eval_transform, linear_eval_datasets
 
     tf = transform or eval_transform(image_size)
     train, val, classes = linear_eval_datasets(root, tf, tf)

@@ -7,7 +7,6 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn as nn
 
 
 class LARS(torch.optim.Optimizer):
@@ -94,26 +93,18 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
-def param_groups_no_decay_1d(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed) and biases/BatchNorm parameters (not decayed), for SGD
-    recipes that exclude 1-d parameters from weight decay (LARS skips them by itself)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def build_optimizer(
-    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False
 ) -> torch.optim.Optimizer:
-    """'sgd' (torch SGD, multi-tensor 'foreach' kernels) or 'lars'."""
+    """'sgd' (torch SGD with multi-tensor 'foreach' kernels, optionally Nesterov: SimCLR's and
+    BYOL's linear protocols) or 'lars'. `params` may be parameter groups (e.g. detection's,
+    without weight decay on normalisation layers); every script builds its optimizer here."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                               foreach=True)
     if name == "lars":
+        if nesterov:
+            raise ValueError("--nesterov applies to --optimizer sgd only")
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer '{name}'; valid: sgd, lars")
 

@@ -1,41 +1,41 @@
-"""How pretraining batches reach the device: dataset, sampler, loader and the device-side step.
+"""How pretraining batches reach the model: dataset, sampler, loader, and the views on the device.
 
-`build_pretrain_pipeline` returns a `Pipeline` whose loader yields `(views, labels, skipped)`
-and whose `to_device(views, epoch, step)` turns the loader's views into the normalised batches
-the model takes. Backends (docs/PERFORMANCE.md):
+`build_pretrain_pipeline` returns a `Pipeline` whose loader yields `(batch, labels, skipped)`
+and whose `views(batch, epoch, step)` turns a batch into the two normalised views the model
+takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
 
 * reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
-  `to_device` only copies.
-* batched: the workers decode once and cut both crops as uint8 (`selfsup.crops`); colour, blur,
-  solarize and normalisation run batched (`selfsup.augment`) on the accelerator - or, on a
+  `views` only copies.
+* batched: the workers decode once and cut both crops as uint8 (selfsup.crops); colour, blur,
+  solarize and normalisation run batched (selfsup.augment) on the accelerator - or, on a
   CPU-only run, in the workers too, so that they overlap with the training step.
-* memory: the whole dataset is one uint8 tensor; the loader yields indices and everything,
-  crops included, runs batched on the device (`selfsup.inmemory`).
+* memory: the whole dataset is one uint8 tensor (selfsup.inmemory); everything, crops
+  included, runs batched on the device - or, on a CPU-only run with workers, in the workers.
 * auto: memory for small images (<= 64 pixels, as the small-image recipes) that fit in memory,
   otherwise batched.
 
-Every backend keeps exact resume: the data order comes from ResumableDistributedSampler, the
-workers' randomness from its per-sample seeds, the device's from (seed, epoch, step, rank).
+Every path keeps exact resume: the data order comes from ResumableDistributedSampler, the
+workers' randomness from its per-sample seeds, the batched augmentation's from (seed, epoch,
+step, rank) - so a view is the same whether a worker or the main process makes it.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from .augment import TwoViewAugment, augment_generator, host_to
-from .crops import TwoCropsBatches, TwoCropsDataset
-from .data import ImageDataset, find_samples
+from .augment import TwoViewAugment
+from .crops import TwoCropsDataset, host_to
+from .data import ImageDataset, find_samples, training_loader
 from .distributed import DistInfo
-from .inmemory import IndexBatchLoader, InMemoryBatches, InMemoryImages
-from .loader import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
-from .sampler import ResumableDistributedSampler
+from .inmemory import IndexBatchLoader, InMemoryImages
+from .presets import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
+from .rng import augment_generator
+from .sampler import ResumableDistributedSampler, StepBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -49,40 +49,29 @@ AUTO_MEMORY_MAX_BYTES = 2 << 30
 class Pipeline:
     loader: Iterable
     sampler: ResumableDistributedSampler
-    to_device: Callable[[list[torch.Tensor], int, int], list[torch.Tensor]]
+    views: Callable[..., list[torch.Tensor]]  # (batch, epoch, step) -> [view1, view2] on the device
     num_images: int
     description: str
     backend: str = "reference"
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1 to the main process.
-
-    Pre-emption signals often reach the whole process group (SLURM, torchrun's shutdown). A
-    worker killed by one makes the main process fail at once; ignoring them lets the main process
-    finish its step and write a checkpoint. Workers still exit when the loader shuts down or the
-    main process dies.
-    """
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def _copy_to_device(device: torch.device, channels_last: bool):
+def _copied(device: torch.device, channels_last: bool) -> Callable[..., list[torch.Tensor]]:
+    """`views` for batches whose views are ready: copy them to the device."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def to_device(views: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
-        return [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in views]
+    def views(batch: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
+        return [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch]
 
-    return to_device
+    return views
 
 
-def _batched_to_device(augment: TwoViewAugment, device: torch.device, seed: int, rank: int):
-    def to_device(views: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
-        g = augment_generator(seed, epoch, step, rank)
-        return augment([v.to(device, non_blocking=True) for v in views], g)
+def _augmented(augment: TwoViewAugment, device: torch.device, seed: int, rank: int) -> Callable[..., list[torch.Tensor]]:
+    """`views` for uint8 crops: the batched colour half on the device."""
 
-    return to_device
+    def views(batch: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
+        return augment([v.to(device, non_blocking=True) for v in batch], augment_generator(seed, epoch, step, rank))
+
+    return views
 
 
 def small_images(samples: Sequence[tuple[str, int]], probe: int = 16) -> bool:
@@ -100,15 +89,16 @@ def small_images(samples: Sequence[tuple[str, int]], probe: int = 16) -> bool:
 
 def build_memory_pipeline(
     data: InMemoryImages,
+    *,
     aug: str,
     image_size: int,
     batch_size: int,
     dist: DistInfo,
     seed: int,
+    workers: int = 0,
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
     description: str = "",
-    workers: int = 0,
 ) -> Pipeline:
     """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
     numpy arrays); crop, flip and colour all run batched on `dist.device`.
@@ -121,16 +111,15 @@ def build_memory_pipeline(
     augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
                              channels_last=channels_last).to(dist.device)
     if dist.device.type == "cpu" and workers > 0:
-        loader = DataLoader(InMemoryBatches(data, augment, seed, dist.rank), batch_size=None,
-                            sampler=StepBatchSampler(sampler), num_workers=workers, persistent_workers=True,
-                            worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
-        to_device = _copy_to_device(dist.device, channels_last)
+        loader = training_loader(InMemoryBatches(data, augment, seed, dist.rank), StepBatchSampler(sampler),
+                                 batch_size=None, workers=workers, seed=seed, pin_memory=False)
+        views = _copied(dist.device, channels_last)
         where = f"in {workers} worker(s)"
     else:
         loader = IndexBatchLoader(sampler, data.labels)
         on_device = data.to(dist.device)
 
-        def to_device(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+        def views(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
             g = augment_generator(seed, epoch, step, dist.rank)
             return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
 
@@ -141,18 +130,19 @@ def build_memory_pipeline(
         f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched {where}"
     )
-    return Pipeline(loader, sampler, to_device, len(data), description, "memory")
+    return Pipeline(loader, sampler, views, len(data), description, "memory")
 
 
 def build_pretrain_pipeline(
     data_dir: str,
+    *,
     aug: str,
     image_size: int,
     batch_size: int,
     workers: int,
     dist: DistInfo,
     seed: int,
-    backend: str = "reference",
+    backend: str = "auto",
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
@@ -177,24 +167,17 @@ def build_pretrain_pipeline(
             logger.info("not holding the images in memory (%s); using the batched backend", e)
             backend = "batched"
         else:
-            return build_memory_pipeline(data, aug, image_size, batch_size, dist, seed, channels_last, out_dtype,
-                                         description=what, workers=workers)
+            return build_memory_pipeline(data, aug=aug, image_size=image_size, batch_size=batch_size, dist=dist,
+                                         seed=seed, workers=workers, channels_last=channels_last, out_dtype=out_dtype,
+                                         description=what)
 
     sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed)
-    loader_args = dict(
-        num_workers=workers,
-        pin_memory=dist.device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
-        # Augmentation is seeded per sample (and per step) from the sampler; this generator only
-        # keeps the loader from drawing its worker seeds out of the global stream (which would
-        # shift on resume).
-        generator=torch.Generator().manual_seed(seed),
-    )
+    pin = dist.device.type == "cuda"
     if backend == "reference":
         dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_args)
-        to_device = _copy_to_device(dist.device, channels_last)
+        loader = training_loader(dataset, sampler, batch_size=batch_size, workers=workers, seed=seed, pin_memory=pin,
+                                 drop_last=True)
+        views = _copied(dist.device, channels_last)
         how = f"reference per-image pipeline in {workers} worker(s)"
     else:
         preset = get_preset(aug, image_size)
@@ -203,31 +186,63 @@ def build_pretrain_pipeline(
         if dist.device.type == "cpu":
             # No accelerator: the batched colour half runs in the workers, next to the crops.
             batches = TwoCropsBatches(crops, augment, seed, dist.rank)
-            to_device = _copy_to_device(dist.device, channels_last)
+            views = _copied(dist.device, channels_last)
             how = f"decode + crops + batched colour in {workers} worker(s)"
         else:
             batches = TwoCropsBatches(crops)
-            to_device = _batched_to_device(augment.to(dist.device), dist.device, seed, dist.rank)
+            views = _augmented(augment.to(dist.device), dist.device, seed, dist.rank)
             how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
-        loader = DataLoader(batches, batch_size=None, sampler=StepBatchSampler(sampler), **loader_args)
+        loader = training_loader(batches, StepBatchSampler(sampler), batch_size=None, workers=workers, seed=seed,
+                                 pin_memory=pin)
     description = f"{what}; aug {aug} at {image_size}px, {how}"
-    return Pipeline(loader, sampler, to_device, len(samples), description, backend)
+    return Pipeline(loader, sampler, views, len(samples), description, backend)
 
 
-class StepBatchSampler:
-    """The per-process batches of a ResumableDistributedSampler, each as
-    `(epoch, step, [(index, seed), ...])`, so that a whole batch - and its per-step augmentation
-    generator - can be made in a loader worker. The same batches as
-    DataLoader(batch_size=sampler.batch_size, drop_last=True) would form."""
+# ----------------------------------------------------------------------------------------------
+# Whole batches made in a loader worker
+# ----------------------------------------------------------------------------------------------
 
-    def __init__(self, sampler: ResumableDistributedSampler) -> None:
-        self.sampler = sampler
 
-    def __iter__(self):
-        items = list(self.sampler)
-        b = self.sampler.batch_size
-        for i in range(len(items) // b):
-            yield self.sampler.epoch, self.sampler.start_step + i, items[i * b : (i + 1) * b]
+class TwoCropsBatches(torch.utils.data.Dataset):
+    """Whole batches of a TwoCropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
+    (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
 
-    def __len__(self) -> int:
-        return len(self.sampler) // self.sampler.batch_size
+    With `augment`, the batched colour half runs here too, with the generator the device would
+    use for that step (augment_generator(seed, epoch, step, rank)): what a CPU-only run does, so
+    that the colour work stays in the loader workers, in parallel with the training step, at the
+    batched cost per image. Without it the views stay uint8 for the device.
+    """
+
+    def __init__(self, dataset: TwoCropsDataset, augment: TwoViewAugment | None = None, seed: int = 0,
+                 rank: int = 0) -> None:
+        self.dataset, self.augment, self.seed, self.rank = dataset, augment, seed, rank
+
+    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
+        epoch, step, items = key
+        out = [self.dataset[item] for item in items]
+        views = [torch.stack([o[0][k] for o in out]) for k in (0, 1)]
+        labels = torch.tensor([o[1] for o in out])
+        skipped = torch.tensor([o[2] for o in out])
+        if self.augment is not None:
+            views = self.augment(views, augment_generator(self.seed, epoch, step, self.rank))
+        return views, labels, skipped
+
+
+class InMemoryBatches(torch.utils.data.Dataset):
+    """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
+    keys (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)`.
+
+    What a CPU-only run's loader workers make, so that the augmentation overlaps with the
+    training step; the generator is the one the device would use for that step, so the views
+    are those of `build_memory_pipeline(...).to_device`.
+    """
+
+    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int) -> None:
+        self.data, self.augment, self.seed, self.rank = data, augment, seed, rank
+
+    def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
+        epoch, step, items = key
+        index = torch.tensor([i for i, _ in items])
+        views = self.augment.forward_from_images(self.data.images[index],
+                                                 augment_generator(self.seed, epoch, step, self.rank))
+        return views, self.data.labels[index], torch.zeros(len(index), dtype=torch.long)

@@ -1,12 +1,15 @@
-"""Hyperparameters: each method's defaults, the papers' recipes (--preset) and the demo recipe.
+"""Hyperparameters: the papers' recipes (--preset), the demo recipe, and how they combine.
 
 Precedence when main_pretrain.py resolves its configuration, lowest first:
-common defaults < the method's defaults < the preset (or the demo recipe) < flags on the command line.
+common defaults < the method's defaults (`Method.defaults`, selfsup.methods) < the preset (or the
+demo recipe) < flags on the command line.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .methods import METHODS
 
 # Used whatever the method, unless something above overrides them (facebookresearch/moco's defaults).
 COMMON: dict[str, Any] = {
@@ -22,14 +25,6 @@ COMMON: dict[str, Any] = {
     "cos": False,
     "image_size": 224,
     "small_stem": False,
-}
-
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # MoCo v1 (facebookresearch/moco main_moco.py defaults).
-    "moco": {"moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.07, "mlp": False,
-             "aug": "moco_v1", "moco_m_cos": False},
-    "byol": {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.996, "aug": "byol", "moco_m_cos": True},
-    "simclr": {"moco_dim": 128, "mlp_dim": 2048, "moco_t": 0.1, "aug": "simclr"},
 }
 
 # The papers' ImageNet recipes. `lr_per_256` means lr = lr_per_256 * batch_size / 256 unless
@@ -66,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # `python main_pretrain.py` without a data argument: the embedded Fashion-MNIST demo, sized to
-# finish on a laptop CPU in a couple of minutes. Per method, on top of METHOD_DEFAULTS.
+# finish on a laptop CPU in a couple of minutes. Per method, on top of the method's defaults.
 # The standard (ImageNet) stem keeps a ResNet-18 step at 32 px about 8x cheaper than the small
 # stem on a CPU; the demo is about seeing the whole pipeline run, not the best accuracy.
 DEMO: dict[str, Any] = {
@@ -96,9 +91,9 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     if method is not None and preset is not None and recipe["method"] != method:
         raise ValueError(f"--preset {preset} is a {recipe['method']} recipe but --method {method} was given")
     method = method or recipe.get("method") or "moco"
-    if method not in METHOD_DEFAULTS:
-        raise ValueError(f"unknown --method '{method}'; valid: {', '.join(METHOD_DEFAULTS)}")
-    cfg: dict[str, Any] = {**COMMON, **METHOD_DEFAULTS[method]}
+    if method not in METHODS:
+        raise ValueError(f"unknown --method '{method}'; valid: {', '.join(METHODS)}")
+    cfg: dict[str, Any] = {**COMMON, **METHODS[method].defaults}
     if demo:
         cfg.update(DEMO)
         cfg.update(DEMO_METHOD[method])
@@ -108,3 +103,41 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     if "lr" not in explicit and "lr_per_256" in recipe:
         cfg["lr"] = recipe["lr_per_256"] * cfg["batch_size"] / 256
     return cfg
+
+
+def fill_unset(args, *layers: dict[str, Any]):
+    """A copy of the argparse namespace `args` whose unset (None) flags take their value from the
+    recipe `layers`, later layers first - the other scripts' resolver (detection)."""
+    import argparse
+
+    out = argparse.Namespace(**vars(args))
+    for layer in layers[::-1]:
+        for key, value in layer.items():
+            if getattr(out, key, None) is None:
+                setattr(out, key, value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection transfer (detection/train_torchvision.py --recipe)
+# ----------------------------------------------------------------------------------------------
+
+_VOC_SIZES = tuple(range(480, 801, 32))  # MoCo's VOC MIN_SIZE_TRAIN
+_COCO_SIZES = tuple(range(640, 801, 32))
+_COMMON = dict(head="c4", norm="syncbn", batch_size=16, lr=0.02, test_size=800, max_size=1333, precise_bn_iters=200,
+               roi_batch_size=512, fpn_channels=256, box_head_dim=1024, workers=4, checkpoint_period=5000)
+# MoCo's detection configs (facebookresearch/moco detection/configs), written out; explicit flags win.
+DETECTION: dict[str, dict[str, Any]] = {
+    "voc": dict(_COMMON, train=["voc_2007_trainval", "voc_2012_trainval"], test=["voc_2007_test"], max_iter=24000,
+                steps=[18000, 22000], warmup_iters=100, min_size=list(_VOC_SIZES)),
+    "coco_1x": dict(_COMMON, train=["coco_2017_train"], test=["coco_2017_val"], max_iter=90000,
+                    steps=[60000, 80000], warmup_iters=1000, min_size=list(_COCO_SIZES)),
+    "coco_2x": dict(_COMMON, train=["coco_2017_train"], test=["coco_2017_val"], max_iter=180000,
+                    steps=[120000, 160000], warmup_iters=1000, min_size=list(_COCO_SIZES)),
+    # Minutes on a CPU: ResNet-18 FPN, narrow FPN and box head, on detection/make_synthetic.py's
+    # default data (64-pixel images of three shapes); README.md gives the AP and time measured.
+    "demo": dict(head="fpn", arch="resnet18", norm="bn", batch_size=8, lr=0.04, train=["voc_2007_trainval"],
+                 test=["voc_2007_test"], max_iter=600, steps=[450, 550], warmup_iters=50, min_size=[64],
+                 test_size=64, max_size=64, precise_bn_iters=0, roi_batch_size=64, fpn_channels=32,
+                 box_head_dim=128, workers=0, checkpoint_period=200),
+}

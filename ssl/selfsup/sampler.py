@@ -1,59 +1,21 @@
-"""A distributed sampler that can resume mid-epoch, and per-sample random seeds.
+"""Which samples each process takes, in which order.
 
-Exact resume needs the data of step s and its random augmentation to be a function of
-(seed, epoch, s) alone - not of how many loader workers ran, which worker took which batch or
-how far their random generators had advanced. So the sampler yields `(index, sample_seed)`
-pairs, and the dataset seeds its augmentation with `sample_seed`.
+* `ResumableDistributedSampler`: training - drop_last, a permutation per epoch, any step to
+  start from, and `(index, sample_seed)` pairs so that each sample's augmentation is seeded by
+  its position (selfsup.rng), not by the loader worker that happens to load it;
+* `StepBatchSampler`: the same batches as whole keys, for loaders that make a batch at once;
+* `ShardSampler` / `shard_range`: evaluation - each sample exactly once over all processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .distributed import all_gather_objects
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 finaliser over the sequence); deterministic
-    across processes and Python versions, unlike hash() of strings."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed torch's CPU generator and Python's for a block, then restore them.
-
-    torchvision's v1 transforms draw from these two, so a sample's augmentation becomes a function
-    of its seed. Restoring keeps the caller's random streams untouched (this runs in the main
-    process when num_workers=0). Nothing else is touched: `torch.manual_seed` would also reseed
-    every CUDA generator (or, before CUDA starts, queue that reseed for when it does), and with
-    loading in the main process the GPU's stream - MoCo's batch shuffle and BN-split permutations
-    draw from it - would restart at every sample.
-    """
-    cpu = torch.default_generator
-    torch_state, py_state = cpu.get_state(), random.getstate()
-    cpu.manual_seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        cpu.set_state(torch_state)
-        random.setstate(py_state)
+from .distributed import get_rank, get_world_size
+from .rng import mix_seed
 
 
 class ResumableDistributedSampler(Sampler):
@@ -116,33 +78,46 @@ class ResumableDistributedSampler(Sampler):
         return len(self.positions())
 
 
-def capture_rng_state() -> dict:
-    """This process's random generators as plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class StepBatchSampler:
+    """The per-process batches of a ResumableDistributedSampler, each as
+    `(epoch, step, [(index, seed), ...])`, so that a whole batch - and its per-step augmentation
+    generator - can be made in a loader worker. The same batches as
+    DataLoader(batch_size=sampler.batch_size, drop_last=True) would form."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        items = list(self.sampler)
+        b = self.sampler.batch_size
+        for i in range(len(items) // b):
+            yield self.sampler.epoch, self.sampler.start_step + i, items[i * b : (i + 1) * b]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.sampler.batch_size
 
 
-def gather_rng_states() -> list[dict]:
-    """Every process's `capture_rng_state()`, in rank order (a collective on every process), so
-    rank 0 can store them all in one checkpoint."""
-    return all_gather_objects(capture_rng_state())
+def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank `rank`'s block of range(n): sizes differ by at most one, blocks are
+    disjoint, cover range(n) and follow each other in rank order."""
+    return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuple(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class ShardSampler(Sampler[int]):
+    """This process's contiguous block of range(n), in order: every sample on exactly one process.
 
+    Unlike DistributedSampler it neither pads (which would count samples twice) nor drops any;
+    a process may get one sample fewer than another, or none at all when n < world size.
+    """
 
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        self.n = n
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        self.start, self.end = shard_range(n, self.num_replicas, self.rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start

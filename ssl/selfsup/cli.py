@@ -1,0 +1,152 @@
+"""What every entry script does around its work (main_pretrain.py, main_lincls.py, main_knn.py,
+detection/train_torchvision.py and the tools): usage errors and the checks that raise them,
+agreeing across processes that setup failed, output folders, the args dump, DDP wrapping, and
+the launcher tail - torchrun's environment, or facebookresearch/moco's --multiprocessing-distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError
+from .distributed import DistInfo, concat_all_gather
+
+
+class UsageError(ValueError):
+    """Bad input found before training: printed as one line, exit status 2."""
+
+
+# What setup raises on bad input: reported as one line, exit status 2 (never a traceback).
+INPUT_ERRORS = (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError)
+
+
+def per_process_batch(global_batch: int, world_size: int) -> int:
+    """The per-process batch of a global --batch-size; a UsageError when it does not divide."""
+    if global_batch <= 0:
+        raise UsageError(f"--batch-size must be positive (got {global_batch})")
+    if global_batch % world_size:
+        raise UsageError(
+            f"--batch-size {global_batch} is the global batch and must divide by the {world_size} processes; "
+            f"use e.g. --batch-size {max(world_size, global_batch // world_size * world_size)}"
+        )
+    return global_batch // world_size
+
+
+def agree_on_error(error: BaseException | None, dist: DistInfo) -> bool:
+    """True when setup failed on any process. Call it on every process after a setup that runs
+    no collective. The message is printed once - by rank 0 if it failed, else by the lowest
+    failing rank - and every process can then exit with the same status instead of hanging in
+    the first collective of the others."""
+    flags = torch.tensor([0.0 if error is None else 1.0])
+    flags = concat_all_gather(flags) if dist.distributed else flags
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if failed and error is not None and dist.rank == failed[0]:
+        where = f" (rank {dist.rank})" if dist.rank else ""
+        print(f"error{where}: {error}", file=sys.stderr, flush=True)
+    return bool(failed)
+
+
+def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
+    """The arguments that are plain values (numbers, strings, lists, None): what a checkpoint may
+    hold (it loads with weights_only=True) and what args.json shows."""
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {k: v for k, v in items if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def write_args(output_dir: str | os.PathLike, args: argparse.Namespace, dist: DistInfo) -> None:
+    """OUTPUT_DIR/args.json, by rank 0."""
+    if dist.is_main:
+        with open(Path(output_dir) / "args.json", "w") as f:
+            json.dump(vars(args), f, indent=1, default=str)
+
+
+def default_output_dir(pretrained: str | os.PathLike, kind: str) -> Path:
+    """Results next to the evaluated checkpoint: `<its folder>/<kind>` for checkpoint.pth.tar,
+    `<its folder>/<kind>-<name>` for any other file (e.g. lincls-checkpoint_0199)."""
+    path = Path(pretrained)
+    name = path.name.removesuffix(".tar").removesuffix(".pth")
+    return path.parent / (kind if name == "checkpoint" else f"{kind}-{name}")
+
+
+def wrap_ddp(module: nn.Module, dist: DistInfo, sync_buffers: bool = True) -> nn.Module:
+    """`module` in DistributedDataParallel when a process group exists, else `module` itself.
+
+    `sync_buffers=False` stops DDP's per-step broadcast of rank 0's buffers (pretraining: every
+    process enqueues the same keys already; see distributed.broadcast_buffers_)."""
+    if not dist.distributed:
+        return module
+    kwargs = {}
+    if not sync_buffers:  # the keyword was renamed in recent PyTorch
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        kwargs = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# facebookresearch/moco's launcher (--multiprocessing-distributed), mapped onto torchrun's variables
+# ----------------------------------------------------------------------------------------------
+
+
+def add_moco_launcher_args(p: argparse.ArgumentParser) -> None:
+    """MoCo's launch flags, with MoCo's names and meanings (its --dist-backend and --gpu come
+    with selfsup.distributed.add_device_args).
+
+    MoCo's scripts spawn one process per GPU themselves and turn (node rank, local rank) into a
+    global rank. Here each spawned process only gets the environment torchrun would have given it
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the rest of the program knows a
+    single way to start.
+    """
+    p.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="spawn one process per GPU on this node (MoCo's launcher); torchrun does not need it")
+    p.add_argument("--world-size", default=-1, type=int, help="number of NODES for --multiprocessing-distributed")
+    p.add_argument("--rank", default=-1, type=int, help="node rank for --multiprocessing-distributed")
+    p.add_argument("--dist-url", default="tcp://localhost:10001", type=str, help="url of the rendezvous (tcp://HOST:PORT)")
+    p.add_argument("--nproc-per-node", default=None, type=int,
+                   help="processes per node for --multiprocessing-distributed (default: the GPU count)")
+
+
+def _spawned_world_size(args: argparse.Namespace) -> int:
+    """Total processes of a --multiprocessing-distributed launch."""
+    return max(args.world_size, 1) * (args.nproc_per_node or torch.cuda.device_count() or 1)
+
+
+def _worker(local_rank: int, main: Callable[[argparse.Namespace], int], args: argparse.Namespace, nproc: int) -> None:
+    url = urlparse(args.dist_url)
+    os.environ.update(
+        RANK=str(max(args.rank, 0) * nproc + local_rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc),
+        WORLD_SIZE=str(max(args.world_size, 1) * nproc),
+        MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 10001))
+    status = main(args)
+    if status:
+        sys.exit(status)
+
+
+def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """The entry scripts' tail: `main(args)` in this process (alone, or one of torchrun's), or -
+    with MoCo's --multiprocessing-distributed - in one spawned process per local GPU (or
+    --nproc-per-node processes), after checking the global batch divides among them."""
+    if not getattr(args, "multiprocessing_distributed", False):
+        return main(args)
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+        print("error: --multiprocessing-distributed spawns its own processes; do not combine it with torchrun",
+              file=sys.stderr)
+        return 2
+    try:
+        per_process_batch(args.batch_size, _spawned_world_size(args))  # before any process starts
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    nproc = args.nproc_per_node or torch.cuda.device_count() or 1
+    torch.multiprocessing.spawn(_worker, args=(main, args, nproc), nprocs=nproc)
+    return 0

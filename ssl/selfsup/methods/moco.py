@@ -1,0 +1,165 @@
+"""MoCo v1/v2."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..distributed import (
+    batch_shuffle,
+    batch_unshuffle,
+    concat_all_gather,
+    get_world_size,
+)
+from ..losses import at_least_fp32, full_precision
+from ..networks import convert_split_batchnorm, feature_dim
+from .base import MomentumMethod
+
+
+def _forget_host_queue_ptr(module: nn.Module, incompatible_keys) -> None:
+    """After a load, MoCo re-reads its queue pointer from the buffer (a function, not a lambda,
+    so the model still pickles)."""
+    module._ptr = None
+
+
+class MoCo(MomentumMethod):
+    """Momentum Contrast: a query encoder, a momentum key encoder and a queue of negative keys.
+
+    MoCo v1: He et al., "Momentum Contrast for Unsupervised Visual Representation Learning",
+    CVPR 2020 (arXiv:1911.05722). MoCo v2 (mlp=True plus stronger augmentation and a cosine
+    schedule): Chen et al., arXiv:2003.04297.
+
+    The constructor signature, attribute names and forward contract are those of
+    facebookresearch/moco: `forward(im_q, im_k)` returns `(logits, labels)`; the engine asks for
+    the loss with `return_loss=True`. Beyond it: any queue size K works (the queue wraps around),
+    shuffle BN works on one process (`bn_splits`), and nothing requires CUDA or a process group.
+
+    Args:
+        base_encoder: constructor taking `num_classes`, e.g. torchvision.models.resnet50.
+        dim: feature dimension. K: queue size. m: key-encoder momentum. T: softmax temperature.
+        mlp: MoCo v2's 2-layer projection head.
+        m_cos: raise m to 1 along a cosine over training (moco-v3's schedule; off in MoCo v1/v2).
+        shuffle_bn: shuffle the key batch across processes before the key encoder (MoCo's
+            shuffle BN). On a single process it only matters together with `bn_splits`.
+        bn_splits: > 1 emulates that many devices on each process: both encoders normalise over
+            `bn_splits` sub-batches and the keys are shuffled before being split.
+        global_batch_size: if given, K is checked against it here rather than at the first step.
+    """
+
+    name = "moco"
+    # facebookresearch/moco main_moco.py's defaults (MoCo v1).
+    defaults = {"moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.07, "mlp": False, "aug": "moco_v1",
+                "moco_m_cos": False}
+    flag_options = {"moco_dim": "dim", "moco_k": "K", "moco_m": "m", "moco_t": "T", "mlp": "mlp",
+                    "moco_m_cos": "m_cos", "shuffle_bn": "shuffle_bn", "bn_splits": "bn_splits",
+                    "batch_size": "global_batch_size"}
+
+    def __init__(
+        self,
+        base_encoder: Callable[..., nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp: bool = False,
+        *,
+        m_cos: bool = False,
+        shuffle_bn: bool = True,
+        bn_splits: int = 1,
+        global_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(m, m_cos)
+        if global_batch_size is not None and K < global_batch_size:
+            raise ValueError(
+                f"MoCo queue size K={K} is smaller than the global batch size {global_batch_size}: "
+                "one step's keys would not fit in the queue. Use K >= the global batch size "
+                f"(e.g. --moco-k {max(global_batch_size, 4096)}) or a smaller batch."
+            )
+        self.K = K
+        self.T = T
+        self.shuffle_bn = shuffle_bn
+        self.bn_splits = bn_splits
+
+        # Construction order as facebookresearch/moco, so a seed gives the same initial weights.
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:
+            dim_mlp = feature_dim(self.encoder_q)
+            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False  # updated by momentum, never by gradients
+
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # dim x K
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # A host copy of queue_ptr: reading the buffer on a GPU every step would make the host
+        # wait for the accelerator. Re-read once after construction and after every load.
+        self._ptr: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_queue_ptr)
+
+        convert_split_batchnorm(self.encoder_q, bn_splits)
+        convert_split_batchnorm(self.encoder_k, bn_splits)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        keys = concat_all_gather(keys)  # (W*N) x dim, in rank order
+        batch = keys.shape[0]
+        if batch > self.K:
+            raise ValueError(
+                f"MoCo queue size K={self.K} is smaller than the global batch size {batch}; "
+                "use K >= the global batch size."
+            )
+        ptr = int(self.queue_ptr) if self._ptr is None else self._ptr
+        end = ptr + batch
+        keys = keys.to(self.queue.dtype)
+        if end <= self.K:
+            self.queue[:, ptr:end] = keys.T
+        else:  # wrap around: fill the tail, then the head
+            first = self.K - ptr
+            self.queue[:, ptr:] = keys[:first].T
+            self.queue[:, : batch - first] = keys[first:].T
+        self.queue_ptr.fill_(end % self.K)
+        self._ptr = end % self.K
+
+    @torch.no_grad()
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        shuffle_across = self.shuffle_bn and get_world_size() > 1
+        if shuffle_across:
+            im_k, idx_unshuffle = batch_shuffle(im_k)
+        if self.bn_splits > 1 and self.shuffle_bn:
+            # Within the process: a fresh permutation so that each key sub-batch holds other
+            # samples than the matching query sub-batch.
+            perm = torch.randperm(im_k.shape[0], device=im_k.device)
+            k = self.encoder_k(im_k[perm])
+            k = k[torch.argsort(perm)]
+        else:
+            k = self.encoder_k(im_k)
+        with full_precision(k):
+            k = F.normalize(at_least_fp32(k), dim=1)  # N x dim, float32 also under --amp
+        if shuffle_across:
+            k = batch_unshuffle(k, idx_unshuffle)
+        return k
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, return_loss: bool = False):
+        """im_q, im_k: N x 3 x H x W. Returns logits N x (1+K) (positive in column 0, divided by T)
+        and labels N (all zero) - or, with `return_loss`, their cross-entropy, the training loss.
+        The logits are float32 also under --amp (see selfsup.losses.full_precision)."""
+        q = self.encoder_q(im_q)  # N x dim
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = self._keys(im_k)  # N x dim
+        with full_precision(q):
+            q = F.normalize(at_least_fp32(q), dim=1)
+            self.last_z = q.detach()
+            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
+            l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        if return_loss:
+            return F.cross_entropy(logits, labels)
+        return logits, labels

@@ -1,0 +1,208 @@
+"""The networks the methods are made of: torchvision ResNets (optionally with the small-image
+stem), projection/prediction MLPs, BatchNorm over sub-batches (shuffle BN on one process), the
+EMA update of a momentum network, and the wrappers around a model (DDP, torch.compile)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# torchvision constructors whose models have the ResNet layout (conv1/bn1/layer1-4/fc).
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed over `num_splits` sub-batches.
+
+    One process with a batch of N then normalises like `num_splits` devices with N/num_splits
+    samples each - the single-device emulation of MoCo's shuffle BN used by MoCo's CIFAR demo
+    and lightly. Sub-batch s holds the samples s, s + S, s + 2S, ... . Running statistics are the
+    mean of the per-split updates; evaluation is plain BatchNorm.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm: batch of {n} does not divide into {s} splits")
+        # (N/S) x (S*C) x H x W: channel s*C + c of row r is channel c of sample r*S + s.
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, s * c, h, w),
+            mean_split,
+            var_split,
+            self.weight.repeat(s) if self.weight is not None else None,
+            self.bias.repeat(s) if self.bias is not None else None,
+            True,
+            self.momentum if self.momentum is not None else 0.1,
+            self.eps,
+        )
+        with torch.no_grad():
+            self.running_mean.copy_(mean_split.view(s, c).mean(0))
+            self.running_var.copy_(var_split.view(s, c).mean(0))
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+        out = out.view(n, c, h, w)
+        # The split reshape has no channels_last view; hand the next layer the format it got.
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_splits={self.num_splits}"
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d of `module` by a SplitBatchNorm holding the same state."""
+    if num_splits <= 1:
+        return module
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
+        new = SplitBatchNorm(
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+        new.load_state_dict(module.state_dict())
+        new.to(module.running_mean.device if module.running_mean is not None else "cpu")
+        if module.affine:  # a frozen (key/target) network stays frozen: DDP must not wait for its gradients
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_split_batchnorm(child, num_splits))
+    return module
+
+
+def build_mlp(
+    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = False
+) -> nn.Sequential:
+    """Projection/prediction MLP: (Linear-BN-ReLU) x (num_layers - 1), then Linear.
+
+    With `last_bn` the output gets a BatchNorm without affine parameters (moco-v3, SimCLR v2).
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d_in = input_dim if i == 0 else mlp_dim
+        d_out = output_dim if i == num_layers - 1 else mlp_dim
+        if i < num_layers - 1:
+            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out, affine=False)]
+        else:
+            layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], m: float) -> None:
+    """target <- target * m + online * (1 - m), as multi-tensor ops (one kernel per group, not
+    one per parameter). Rounds like MoCo's `param_k.mul_(m).add_(param_q.mul(1 - m))`."""
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, torch._foreach_mul(online, 1.0 - m))
+
+
+def params_of(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters of `module` as a list (for the multi-tensor EMA)."""
+    return list(module.parameters())
+
+
+def freeze(module: nn.Module) -> None:
+    """No gradients for `module`: a momentum network, updated by EMA only."""
+    for p in module.parameters():
+        p.requires_grad = False
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """Width of the pooled features of a torchvision-style ResNet (the input of its `fc`)."""
+    if not hasattr(encoder, "fc") or not isinstance(encoder.fc, nn.Linear):
+        raise TypeError(
+            "base_encoder must build a torchvision-style ResNet whose last layer is `fc` "
+            f"(an nn.Linear); got {type(encoder).__name__} with fc={getattr(encoder, 'fc', None)!r}"
+        )
+    return encoder.fc.weight.shape[1]
+
+
+def _resnet(arch: str, small_stem: bool, num_classes: int, **kwargs) -> nn.Module:
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
+    if small_stem:
+        # 32-pixel data (CIFAR recipe of SimCLR/MoCo demos): 3x3 stride-1 conv, no max-pool.
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+def backbone_constructor(arch: str, small_stem: bool = False) -> Callable[..., nn.Module]:
+    """A torchvision-style constructor `f(num_classes) -> ResNet` for `arch`, optionally with the
+    small-image stem."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch '{arch}'; valid: {', '.join(ARCHS)}")
+    return partial(_resnet, arch, small_stem)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def compile_networks(model: nn.Module, device: torch.device) -> str | None:
+    """torch.compile the networks of a MoCo/BYOL/SimCLR model in place (`nn.Module.compile`,
+    so parameter names and checkpoints do not change); the method's own logic (queue, momentum
+    update, gathers) stays eager.
+
+    Returns None when compiled, or why compilation is not possible here (the caller then trains
+    uncompiled). Compilation itself happens lazily at the first forward pass of each network.
+    """
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            python = sys.version.split()[0]
+            return f"torch.compile does not support this platform (Python {python}, torch {torch.__version__})"
+        if device.type == "cpu":
+            from torch._inductor import cpp_builder
+
+            cpp_builder.get_cpp_compiler()  # raises without a C++ compiler
+        elif not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
+            return "no C compiler found, which Triton needs to build its kernels' launchers (set CC)"
+    except Exception as e:  # an unsupported platform shows up as many kinds of errors
+        return f"{type(e).__name__}: {e}"
+    for name in ("encoder_q", "encoder_k", "predictor"):
+        network = getattr(model, name, None)
+        if isinstance(network, nn.Module):
+            network.compile()
+    return None

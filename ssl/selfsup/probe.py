@@ -1,0 +1,219 @@
+"""The frozen backbone under evaluation, and the labelled data it is evaluated on.
+
+Shared by the linear probe (main_lincls.py), the kNN (main_knn.py), the online kNN during
+pretraining (selfsup.monitor) and the tools: a pretraining checkpoint's backbone read under
+torchvision's names (`load_pretrained`), frozen behind a new linear classifier (`LinearProbe`),
+checked to stay unchanged (`sanity_check`), and the evaluation transforms and ROOT/train,
+ROOT/val datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from .checkpoint import (
+    extract_backbone,
+    infer_arch_info,
+    load_backbone,
+    load_checkpoint,
+)
+from .data import ImageDataset, find_samples
+from .networks import ARCHS, backbone_constructor
+from .presets import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
+
+logger = logging.getLogger(__name__)
+
+TRAIN_AUGS = ("standard", "none")
+
+
+class SanityCheckError(RuntimeError):
+    """The backbone changed while only the linear classifier was meant to train."""
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained backbone as linear evaluation needs it."""
+
+    path: str
+    weights: dict[str, torch.Tensor]  # torchvision ResNet names, no fc
+    arch: str
+    small_stem: bool
+    image_size: int | None  # the pretraining crop size when the checkpoint records it
+    method: str | None
+
+
+def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrained:
+    """Read the backbone of a pretraining checkpoint (this project's three methods,
+    facebookresearch/moco's, moco-v3's, or a plain torchvision state dict).
+
+    `arch` (the -a flag) is optional: the checkpoint's own record wins, and a different `arch` is
+    an error rather than a silently mismatched model. Raises CheckpointError or ValueError with
+    a message that names the file and the fix.
+    """
+    ckpt = load_checkpoint(path)
+    weights = extract_backbone(ckpt)
+    info = infer_arch_info(ckpt)
+    if arch is not None and info["arch"] is not None and arch != info["arch"]:
+        raise ValueError(
+            f"'{path}' holds a {info['arch']} backbone but -a {arch} was given; leave -a out to use the "
+            "checkpoint's architecture"
+        )
+    arch = arch or info["arch"]
+    if arch is None:
+        raise ValueError(f"'{path}' does not record its architecture; pass it with -a (one of {', '.join(ARCHS)})")
+    if arch not in ARCHS:
+        raise ValueError(f"'{path}' holds a {arch} backbone, which this project cannot build (valid: {', '.join(ARCHS)})")
+    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
+    image_size = saved_args.get("image_size")
+    return Pretrained(str(path), weights, arch, bool(info["small_stem"]),
+                      int(image_size) if image_size else None, info["method"])
+
+
+class LinearProbe(nn.Module):
+    """A frozen backbone (pooled features) followed by a trainable linear classifier `fc`.
+
+    The backbone stays in eval mode whatever `train()` asks, so BatchNorm normalises with the
+    pretrained running statistics and never updates them - under the linear protocol no part
+    of the pretrained model may change, and BatchNorm statistics are part of it.
+    """
+
+    def __init__(self, backbone: nn.Module, fc: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fc = fc
+        for p in self.backbone.parameters():
+            p.requires_grad = False
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x H x W -> N x D, without building a graph through the frozen backbone."""
+        with torch.no_grad():
+            return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))  # N x num_classes
+
+    def resnet_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under torchvision ResNet names (conv1..., fc.weight), loadable into
+        torchvision.models.<arch>(num_classes=C)."""
+        state = dict(self.backbone.state_dict())
+        state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
+        return state
+
+    def load_resnet_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.fc.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("fc.")})
+        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+
+
+def build_probe(
+    arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None
+) -> LinearProbe:
+    """A torchvision ResNet with the pretrained `weights` (or random ones for a baseline), frozen,
+    and a new fc initialised N(0, 0.01) with zero bias (MoCo, SimCLR).
+
+    The weights must fill every backbone parameter and buffer: the only keys allowed to be
+    missing are fc.weight and fc.bias, anything else is a CheckpointError listing the keys.
+    """
+    net = backbone_constructor(arch, small_stem)(num_classes=num_classes)
+    if weights is not None:
+        load_backbone(net, weights)
+    fc = net.fc
+    nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(fc.bias)
+    net.fc = nn.Identity()
+    return LinearProbe(net, fc)
+
+
+def changed_backbone_keys(probe: LinearProbe, reference: Mapping[str, torch.Tensor]) -> list[str]:
+    """Backbone entries (parameters and buffers) that differ from `reference`, or exist in only one."""
+    own = probe.backbone.state_dict()
+    changed = []
+    for k in sorted(set(own) | set(reference)):
+        if k not in own or k not in reference:
+            changed.append(k)
+        elif own[k].shape != reference[k].shape or not torch.equal(own[k].detach().cpu(), reference[k].detach().cpu()):
+            changed.append(k)
+    return changed
+
+
+def sanity_check(probe: LinearProbe, pretrained_path: str | os.PathLike) -> None:
+    """Re-read the pretrained checkpoint from disk and check that every backbone weight and
+    BatchNorm statistic is unchanged (MoCo's sanity_check). Raises SanityCheckError."""
+    changed = changed_backbone_keys(probe, extract_backbone(load_checkpoint(pretrained_path)))
+    if changed:
+        raise SanityCheckError(
+            f"{len(changed)} backbone entr{'y' if len(changed) == 1 else 'ies'} changed during linear classifier "
+            f"training (only fc may change): {changed[:8]}{' ...' if len(changed) > 8 else ''}. "
+            "Was the backbone left trainable, or BatchNorm in train mode?"
+        )
+    logger.info("sanity check passed: the backbone equals %s", pretrained_path)
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Validation (and cached-feature) transform. ImageNet-sized data: resize the short side to
+    image_size * 256/224, centre crop (MoCo's 256 -> 224). Small images (<= 64 px, CIFAR,
+    Fashion-MNIST): resize to image_size, no crop - a crop would cut away the object."""
+    if image_size <= SMALL_IMAGE_MAX:
+        resize = [T.Resize((image_size, image_size))]
+    else:
+        resize = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(image_size: int, aug: str) -> T.Compose:
+    """'standard': RandomResizedCrop + horizontal flip (MoCo, SimCLR, BYOL linear protocols);
+    'none': the validation transform, which makes cached features possible."""
+    if aug == "none":
+        return eval_transform(image_size)
+    if aug != "standard":
+        raise ValueError(f"unknown --train-aug '{aug}'; valid: {', '.join(TRAIN_AUGS)}")
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def linear_eval_datasets(
+    root: str | os.PathLike, train_tf: Callable, val_tf: Callable
+) -> tuple[ImageDataset, ImageDataset, list[str]]:
+    """ROOT/train and ROOT/val as labelled datasets with the same classes.
+
+    Labels are positions in the sorted list of class folders, so a class missing from one split
+    would shift every label after it: differing classes are an error naming them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder '{root}' does not exist (or is not a folder)")
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"linear evaluation needs ROOT/train and ROOT/val with one folder per class (ImageNet layout); "
+            f"'{root}' has no {' and no '.join(m + '/' for m in missing)}"
+        )
+    train_samples, train_classes = find_samples(root / "train")
+    val_samples, val_classes = find_samples(root / "val")
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        if not classes:
+            raise ValueError(f"'{root / split}' holds images but no class folders; linear evaluation needs labels")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            f"the classes of '{root / 'val'}' differ from those of '{root / 'train'}': "
+            f"only in train/: {only_train or 'none'}; only in val/: {only_val or 'none'}. Labels are positions "
+            "in the sorted class list, so both splits need the same class folders, each with at least one image."
+        )
+    train = ImageDataset(train_samples, train_tf, train_classes)
+    val = ImageDataset(val_samples, val_tf, val_classes, replace_unreadable=False)
+    return train, val, list(train_classes)

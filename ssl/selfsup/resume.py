@@ -1,0 +1,149 @@
+"""One resume path for the training scripts: what continues a run exactly, besides its model.
+
+Pretraining, linear evaluation and detection write their checkpoints and pick them up again the
+same way. Each checkpoint holds the script's model and position, and this common part
+(`run_state`):
+
+    optimizer, scaler      the optimizer's state (momentum buffers), mixed precision's scale
+    rng                    every process's generators, in rank order (selfsup.rng)
+    world_size, num_threads, device_type
+                           what a bit-for-bit continuation needs to match (README, "When resume
+                           is bitwise"); a resume that differs says so (`warn_if_not_bitwise`)
+    args                   the command line, as plain values
+
+`read_checkpoint` reads a file once, on rank 0, for every process; `restore_run_state` puts the
+common part back; `differences` lists what makes a checkpoint belong to another run; and a
+`Checkpointer` writes a run's checkpoints (rank 0, atomically, with every process's RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .cli import plain_args
+from .distributed import DistInfo, broadcast_object
+from .rng import gather_rng_states, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+def run_state(optimizer: torch.optim.Optimizer, args: argparse.Namespace | dict, dist: DistInfo,
+              rng: list[dict] | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """The part of a training checkpoint every script shares, in plain types. `rng`: every
+    process's generators (gather_rng_states), for scripts whose randomness lives there."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "world_size": dist.world_size,
+        "num_threads": torch.get_num_threads(),
+        "device_type": dist.device.type,
+        "args": plain_args(args),
+    }
+    if rng is not None:
+        state["rng"] = rng
+    return state
+
+
+def read_checkpoint(path: Path, required: bool, dist: DistInfo) -> dict | None:
+    """The checkpoint at `path` (None when it does not exist and is not `required`).
+
+    Rank 0 reads it and sends it to every process, so all resume from the same file (no shared
+    filesystem needed) and all fail together, with the same CheckpointError, on a bad one."""
+    payload: object = None
+    if dist.is_main and (required or path.is_file()):
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as e:
+            payload = str(e)
+    payload = broadcast_object(payload, src=0)
+    if isinstance(payload, str):
+        raise CheckpointError(payload)
+    return payload
+
+
+def restore_run_state(ckpt: Mapping[str, Any], dist: DistInfo, optimizer: torch.optim.Optimizer | None = None,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+    """Put back what `run_state` saved: the optimizer and scaler (when given) and this process's
+    random generators (when the number of processes is the same)."""
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(without_stateless_extras(ckpt["optimizer"], optimizer))
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng")
+    if rng and len(rng) == dist.world_size:
+        restore_rng_state(rng[dist.rank])
+    elif rng:
+        logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not bitwise)",
+                       len(rng), dist.world_size)
+    warn_if_not_bitwise(ckpt, dist)
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """`key 'theirs' (this command: 'mine')` for every key both sides set to different values."""
+    out = []
+    for key in keys:
+        theirs, mine = saved.get(key), current.get(key)
+        if theirs is not None and mine is not None and theirs != mine:
+            out.append(f"{key} {theirs!r} (this command: {mine!r})")
+    return out
+
+
+def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict of an older version, fitted to `optimizer`.
+
+    Before 2026-11-30 the key/target network's BatchNorm parameters under --bn-splits were left
+    trainable (they never received gradients), so the optimizer listed them after the trained
+    parameters, without any state. Dropping those trailing, stateless entries lets such a
+    checkpoint resume exactly; anything else is left for load_state_dict to judge.
+    """
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        return saved
+    fitted = []
+    for theirs, ours in zip(groups, optimizer.param_groups):
+        extra = theirs["params"][len(ours["params"]):]
+        if extra and not any(i in saved.get("state", {}) for i in extra):
+            theirs = {**theirs, "params": theirs["params"][: len(ours["params"])]}
+        fitted.append(theirs)
+    return {**saved, "param_groups": fitted}
+
+
+def warn_if_not_bitwise(ckpt: Mapping[str, Any], dist: DistInfo) -> None:
+    """Resume is bitwise only on the same kind of device with the same CPU thread count: on some
+    CPUs (seen on AVX-512 machines) oneDNN picks other kernels, and so other summation orders, for
+    another number of threads. Say so when either changed since the checkpoint was written."""
+    threads, device = ckpt.get("num_threads"), ckpt.get("device_type")
+    if threads is not None and threads != torch.get_num_threads():
+        logger.warning("checkpoint written with %d CPU thread(s) per process, this run has %d: the run continues "
+                       "correctly, but not bit for bit as an uninterrupted one would (OMP_NUM_THREADS=%d resumes bitwise)",
+                       threads, torch.get_num_threads(), threads)
+    if device is not None and device != dist.device.type:
+        logger.warning("checkpoint written on %s, this run is on %s: the run continues correctly, but not bit "
+                       "for bit as an uninterrupted one would", device, dist.device.type)
+
+
+class Checkpointer:
+    """Writes a run's checkpoints: OUTPUT_DIR/checkpoint.pth.tar (the latest) and named copies.
+
+    `state(rng=..., **position)` builds the checkpoint (run_state inside). Every process calls
+    `save` - their random states are gathered, a collective - and rank 0 writes, atomically.
+    """
+
+    def __init__(self, folder: Path, dist: DistInfo, state: Callable[..., dict], name: str = "checkpoint.pth.tar"):
+        self.folder, self.dist, self.state = Path(folder), dist, state
+        self.latest = self.folder / name
+
+    def save(self, *copies: str, **position: Any) -> None:
+        rng = gather_rng_states()
+        if not self.dist.is_main:
+            return
+        state = self.state(rng=rng, **position)
+        save_atomic(state, self.latest)
+        for name in copies:
+            save_atomic(state, self.folder / name)

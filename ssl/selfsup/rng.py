@@ -1,0 +1,94 @@
+"""Random streams: seeds derived from positions, seeded blocks, and the generators' states.
+
+Exact resume needs every random draw of a step to be a function of (seed, epoch, step, sample)
+alone - not of how many loader workers ran or how far their generators had advanced. So seeds
+are hashed from those numbers (`mix_seed`): the sampler gives each sample its seed, the per-image
+augmentation runs in a `seeded` block, and the batched augmentation of a step draws from
+`augment_generator`. What is left in the processes' global generators is saved with every
+checkpoint (`gather_rng_states`) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from .distributed import all_gather_objects
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 finaliser over the sequence); deterministic
+    across processes and Python versions, unlike hash() of strings."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's CPU generator and Python's for a block, then restore them.
+
+    torchvision's v1 transforms draw from these two, so a sample's augmentation becomes a function
+    of its seed. Restoring keeps the caller's random streams untouched (this runs in the main
+    process when num_workers=0). Nothing else is touched: `torch.manual_seed` would also reseed
+    every CUDA generator (or, before CUDA starts, queue that reseed for when it does), and with
+    loading in the main process the GPU's stream - MoCo's batch shuffle and BN-split permutations
+    draw from it - would restart at every sample.
+    """
+    cpu = torch.default_generator
+    torch_state, py_state = cpu.get_state(), random.getstate()
+    cpu.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        cpu.set_state(torch_state)
+        random.setstate(py_state)
+
+
+def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator of one step's device-side augmentation: a function of (seed, epoch,
+    step, rank) only, so a resumed run draws exactly the same parameters."""
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, step, rank, 2))
+
+
+def capture_rng_state() -> dict:
+    """This process's random generators as plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def gather_rng_states() -> list[dict]:
+    """Every process's `capture_rng_state()`, in rank order (a collective on every process), so
+    rank 0 can store them all in one checkpoint."""
+    return all_gather_objects(capture_rng_state())
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
