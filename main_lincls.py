@@ -26,34 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from selfsup.checkpoint import check_writable, load_checkpoint
-from selfsup.cli import (
-    INPUT_ERRORS,
-    UsageError,
-    add_moco_launcher_args,
-    agree_on_error,
-    default_output_dir,
-    launch,
-    per_process_batch,
-    write_args,
-)
+from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, default_output_dir, launch,
+                         per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.networks import ARCHS
-from selfsup.optim import build_optimizer, cosine_lr, step_lr
-from selfsup.probe import (
-    TRAIN_AUGS,
-    LinearProbe,
-    Pretrained,
-    build_probe,
-    eval_transform,
-    linear_eval_datasets,
-    load_pretrained,
-    train_transform,
-)
+from selfsup.optim import build_optimizer, learning_rate
+from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
+                           load_pretrained, train_transform)
 from selfsup.resume import restore_run_state
 from selfsup.sampler import ResumableDistributedSampler
 
@@ -233,10 +218,9 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
                                     val=val, arch=setup.arch, small_stem=setup.small_stem, image_size=setup.image_size,
                                     classes=setup.classes, pretrained=setup.pretrained.path if setup.pretrained else None)
 
-        if args.cos:
-            lr_at = lambda epoch: cosine_lr(args.lr, epoch, args.epochs)  # noqa: E731
-        else:
-            lr_at = lambda epoch: step_lr(args.lr, epoch, args.schedule)  # noqa: E731
+        def lr_at(epoch: float) -> float:
+            return learning_rate(args.lr, epoch, args.epochs, args.cos, args.schedule)
+
         return fit(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, dist=dist_info,
                    epochs=args.epochs, start_epoch=setup.start_epoch, best_acc1=setup.best_acc1, lr_at=lr_at,
                    global_batch=args.batch_size, workers=args.workers, seed=args.seed, cached=args.cached,

@@ -23,21 +23,13 @@ import sys
 from pathlib import Path
 
 import torch
+
 from selfsup import recipes
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (
-    INPUT_ERRORS,
-    UsageError,
-    add_moco_launcher_args,
-    agree_on_error,
-    launch,
-    per_process_batch,
-    wrap_ddp,
-    write_args,
-)
+from selfsup.cli import INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, launch, per_process_batch, write_args
 from selfsup.data import DEMO_ROOT, find_samples, resolve_split_dir, verify_images
-from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
+from selfsup.distributed import DistInfo, add_device_args, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, fit
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
@@ -151,9 +143,6 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         cfg = recipes.resolve(args.method, args.preset, demo, explicit)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    cfg.setdefault("workers", 8)
-    cfg.setdefault("bn_splits", 1)
-    cfg.setdefault("knn_every", 0)
     out = argparse.Namespace(**{**vars(args), **cfg})
     out.demo = demo
     if demo:
@@ -212,7 +201,8 @@ def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int) -> d
     ckpt = read_checkpoint(path, bool(args.resume), dist_info)
     if ckpt is None:
         return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
-    saved = {**(ckpt.get("args") or {}), "method": ckpt.get("method", "moco"), "arch": ckpt.get("arch")}
+    saved = ckpt.get("args") or {}
+    saved = {**saved, "method": ckpt.get("method", saved.get("method", "moco")), "arch": ckpt.get("arch", saved.get("arch"))}
     problems = differences(saved, vars(args), ("method", "arch", "small_stem"))
     if problems:
         raise UsageError(f"checkpoint '{path}' was written by another kind of run: {', '.join(problems)}. Use the "
@@ -273,14 +263,15 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
 
     ctx = StepContext(epochs=args.epochs, steps_per_epoch=steps, base_lr=args.lr, cos=args.cos,
                       schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
-                      print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info, stop=StopRequest())
+                      print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info,
+                      stop=StopRequest(announce=dist_info.is_main))
     metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
     try:
         # The key/target network has requires_grad=False, so DDP ignores it: no unused parameters.
         return fit(wrap_ddp(model, dist_info, sync_buffers=False), optimizer, scaler, pipeline, ctx,
                    Checkpointer(output_dir, dist_info, state), metrics, start_epoch=start["epoch"],
                    start_step=start["step"], meter_state=start["meters"], monitor=monitor, knn_every=args.knn_every,
-                   save_freq=args.save_freq, save_every_steps=args.save_every_steps, embed_dim=args.moco_dim)
+                   save_freq=args.save_freq, save_every_steps=args.save_every_steps)
     finally:
         metrics.close()
 

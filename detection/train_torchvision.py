@@ -31,9 +31,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch  # noqa: E402
 from selfsup import recipes  # noqa: E402
 from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.cli import INPUT_ERRORS, UsageError, per_process_batch, plain_args, wrap_ddp, write_args  # noqa: E402
+from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, per_process_batch, plain_args, write_args  # noqa: E402
 from selfsup.data import training_loader  # noqa: E402
-from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group  # noqa: E402
+from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group, wrap_ddp  # noqa: E402
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
 from selfsup.networks import ARCHS, unwrap  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
@@ -133,10 +133,7 @@ def main(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs, read the data, build the model; raises on bad input."""
     local_batch = per_process_batch(args.batch_size, dist_info.world_size)
-    try:
-        check_norm(args.norm, dist_info.device, dist_info.world_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    check_norm(args.norm, dist_info.device, dist_info.world_size)
     output_dir = Path(args.output_dir)
     if dist_info.is_main:
         check_writable(output_dir)
@@ -212,16 +209,17 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
 
 def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
+    prepared = error = None
     try:
-        model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch = \
-            prepare(args, dist_info)
+        prepared = prepare(args, dist_info)
     except INPUT_ERRORS as e:
-        logging.getLogger().error("error: %s", e)
+        error = e
+    if agree_on_error(error, dist_info):
         return 2
+    model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch = prepared
     setup_logging(dist_info.rank, output_dir)
     metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
     write_args(output_dir, args, dist_info)
-    latest = output_dir / "checkpoint.pth.tar"  # what Checkpointer writes
 
     def state(rng: list, iters_done: int) -> dict:
         return {"iter": iters_done, "model": unwrap(model).state_dict(),
@@ -229,6 +227,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
                 **run_state(optimizer, args, dist_info, rng)}
 
     checkpointer = Checkpointer(output_dir, dist_info, state)
+    latest = checkpointer.latest
 
     def update_bn(batches) -> None:
         if args.precise_bn_iters:

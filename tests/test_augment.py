@@ -20,18 +20,8 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from selfsup.augment import (
-    BatchAugment,
-    TwoViewAugment,
-    adjust_brightness_,
-    adjust_contrast_,
-    adjust_hue,
-    adjust_saturation_,
-    gaussian_blur_pil_,
-    rgb_to_gray,
-    sample_view_params,
-    solarize_,
-)
+from selfsup.augment import (BatchAugment, TwoViewAugment, adjust_brightness_, adjust_contrast_, adjust_hue,
+                              adjust_saturation_, gaussian_blur_pil_, rgb_to_gray, sample_view_params, solarize_)
 from selfsup.crops import resized_crop, sample_crop_box, sample_crop_boxes
 from selfsup.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ViewSpec, get_preset
 from selfsup.rng import augment_generator, seeded

@@ -244,3 +244,17 @@ def test_every_method_keeps_the_trained_network_under_encoder_q():
     for method in ("moco", "byol", "simclr"):
         keys = build_model(method, "resnet18", dim=16, **({"K": 32} if method == "moco" else {"hidden_dim": 32})).state_dict()
         assert "encoder_q.conv1.weight" in keys and "encoder_q.layer4.1.bn2.running_var" in keys
+
+
+def test_every_method_maps_its_flags_onto_its_constructor():
+    from selfsup.builder import method_options
+    from selfsup.methods import METHODS
+
+    for name, cls in METHODS.items():
+        assert cls.name == name
+        assert set(cls.flag_options.values()) <= method_options(name), name
+        assert set(cls.networks) <= {"encoder_q", "encoder_k", "predictor"}
+        flags = {"moco_dim": 16, "moco_k": 32, "moco_m": 0.9, "moco_t": 0.2, "mlp_dim": 8, "batch_size": 8,
+                 "mlp": True, "moco_m_cos": True, "shuffle_bn": True, "bn_splits": 1}
+        model = build_model(name, "resnet18", **cls.options(flags))
+        assert all(isinstance(getattr(model, n), nn.Module) for n in cls.networks)

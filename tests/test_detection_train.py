@@ -89,8 +89,8 @@ def test_two_process_ddp_on_cpu(shapes, tmp_path):
 def test_bad_flags_are_refused(shapes, tmp_path, capsys):
     base = ["--data-root", str(shapes), "--output-dir", str(tmp_path / "x")]
     assert cli(SMALL + base + ["--norm", "syncbn"]) == 2
-    assert "--norm syncbn" in capsys.readouterr().out
+    assert "--norm syncbn" in capsys.readouterr().err
     assert cli(["--recipe", "demo"] + base) == 2
-    assert "--random-init" in capsys.readouterr().out
+    assert "--random-init" in capsys.readouterr().err
     assert cli(SMALL + ["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "y")]) == 2
-    assert "VOCdevkit" in capsys.readouterr().out
+    assert "VOCdevkit" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Runs that survive: kill and resume bitwise, torchrun restarts, two nodes, SIGTERM, bad data,
 NaN, bad checkpoints, full disks."""
 
+import argparse
 import errno
+import json
 import os
 import re
 import signal
@@ -122,7 +124,7 @@ def test_sigterm_writes_a_resumable_checkpoint(folder, tmp_path, reference_1proc
             break
     lines += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 0, "".join(lines)
-    assert any("stop signal" in l for l in lines), "".join(lines)
+    assert any("SIGTERM: checkpoint written" in l for l in lines), "".join(lines)
     ckpt = load(out / "checkpoint.pth.tar")
     assert 1 <= ckpt["global_step"] < 6
     resumed = run_script(["main_pretrain.py", *args])
@@ -145,6 +147,85 @@ def test_resume_with_another_thread_count_says_it_is_not_bitwise(folder, tmp_pat
     assert other.returncode == 0, other.stderr[-3000:]
     assert f"written with {THREADS} CPU thread(s) per process, this run has {THREADS + 1}" in other.stdout
     assert f"OMP_NUM_THREADS={THREADS} resumes bitwise" in other.stdout
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """train/ and val/ class folders, for the online kNN."""
+    root = tmp_path_factory.mktemp("ftl") / "data"
+    make_image_folder(root / "train", classes=2, per_class=12, size=20, seed=1)
+    make_image_folder(root / "val", classes=2, per_class=4, size=20, seed=2)
+    return root
+
+
+def metrics_of(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes_bitwise_with_the_online_knn(labelled, tmp_path):
+    # The demo's defaults include the online kNN after every epoch: it must not move the random
+    # streams that the epoch checkpoint saved.
+    # As the demo: one loader worker, and split BN, whose permutations draw from the global generator.
+    args = [str(labelled), *RUN, "-j", "1", "--bn-splits", "2", "--knn-every", "1", "--knn-k", "5"]
+    ref = run_script(["main_pretrain.py", *args, "--output-dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *args, "--output-dir", str(out)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Epoch: [1][0/3]" in line:  # after epoch 0's checkpoint and online kNN
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    log = "".join(lines)
+    assert proc.wait(timeout=120) == 0, log
+    assert "Ctrl-C: stopping after this step" in log and "Traceback" not in log
+    assert re.search(r"Ctrl-C \(SIGINT\): checkpoint written at epoch 1 step [12]; rerun the same command", log), log
+    resumed = run_script(["main_pretrain.py", *args, "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(load(tmp_path / "ref" / "checkpoint.pth.tar"), load(out / "checkpoint.pth.tar"))
+    # The interrupted epoch's averages cover all of its steps, before and after the interruption.
+    want, got = metrics_of(tmp_path / "ref"), metrics_of(out)
+    assert [r["epoch"] for r in got] == [0, 1]
+    for a, b in zip(want, got):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12) and a["knn_top1"] == b["knn_top1"]
+
+
+def test_resume_from_an_epoch_end_is_bitwise_although_the_online_knn_ran_after_it(labelled, tmp_path):
+    # The epoch-end checkpoint is written before the online kNN, whose loaders draw from the global
+    # generator; a resume from it must see the streams as the uninterrupted run did.
+    args = [str(labelled), *RUN, "-j", "1", "--bn-splits", "2", "--knn-every", "1", "--knn-k", "5"]
+    ref = run_script(["main_pretrain.py", *args, "--output-dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    killed = inject("kill:4", [*args, "--output-dir", str(out)])  # no step checkpoints: the last is epoch 0's end
+    assert killed.returncode == 137
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 3
+    resumed = run_script(["main_pretrain.py", *args, "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(load(tmp_path / "ref" / "checkpoint.pth.tar"), load(out / "checkpoint.pth.tar"))
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys, monkeypatch):
+    from selfsup.cli import launch
+    from selfsup.stopping import StopRequest
+
+    stop = StopRequest(announce=False)
+    stop._handle(signal.SIGINT, None)  # the first: a flag for the next step boundary
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):  # the second: at once
+        stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)  # a pre-emption signal after it changes nothing
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert launch(interrupted, argparse.Namespace()) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: stopped at once" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------- bad data

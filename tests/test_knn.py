@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import make_image_folder, run_distributed
 from selfsup import knn
+from selfsup.sampler import ShardSampler
 from selfsup.networks import backbone_constructor
 from test_lincls import load_script
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,10 +23,10 @@ WORLD = 2
 def test_shard_sampler_partitions_any_size_in_order():
     for n in range(0, 12):
         for world in range(1, 5):
-            blocks = [list(knn.ShardSampler(n, world, r)) for r in range(world)]
+            blocks = [list(ShardSampler(n, world, r)) for r in range(world)]
             assert sum(blocks, []) == list(range(n)), (n, world)
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
-            assert [len(knn.ShardSampler(n, world, r)) for r in range(world)] == list(map(len, blocks))
+            assert [len(ShardSampler(n, world, r)) for r in range(world)] == list(map(len, blocks))
 
 
 # ------------------------------------------------------------------------------------------ k-NN

@@ -54,10 +54,7 @@ from selfsup.inmemory import InMemoryImages  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
 from selfsup.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
 from selfsup.presets import build_two_crops_transform, get_preset  # noqa: E402
-from selfsup.rng import (
-    augment_generator,  # noqa: E402
-    seeded,  # noqa: E402
-)
+from selfsup.rng import augment_generator, seeded  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- data
 

@@ -263,7 +263,6 @@ def pretrain(method: str, args, x_train: torch.Tensor, y_train: torch.Tensor, x_
 
     optimizer = build_optimizer(opt_args["name"], model.parameters(), lr, weight_decay=opt_args["wd"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    base_m = opts.get("m")
     ctx = StepContext(epochs=epochs, steps_per_epoch=steps_per_epoch, base_lr=lr, cos=True,
                       schedule=[], warmup_epochs=args.warmup_frac * epochs, amp="none", print_freq=50, global_batch=args.batch_size, dist=dist)
     # Monitor: a fixed 5k-image bank and 1k queries from the test set (not the reported figures).

@@ -8,7 +8,7 @@
 
 --queries images are drawn at random (--seed) from the query split (--split, default val) and
 each is compared with every image of the bank split (--bank-split, default train): features are
-those of the frozen backbone in eval mode on the evaluation transform (selfsup.lincls.eval_transform,
+those of the frozen backbone in eval mode on the evaluation transform (selfsup.probe.eval_transform,
 as main_knn.py and main_lincls.py see them), L2-normalised, and the k most cosine-similar bank
 images are the neighbours (the query itself is left out when both splits are the same). Each row
 is the query (blue outline) then its neighbours, titled with class and similarity, with a green

@@ -1,6 +1,6 @@
 """The device half of the split loader: batched augmentation with per-sample random parameters.
 
-The reference pipeline (`selfsup.loader`) does everything per image in the loading workers,
+The reference pipeline (`selfsup.presets`) does everything per image in the loading workers,
 as facebookresearch/moco does. The batched backend splits that work in two:
 
 * the workers (`selfsup.crops`) decode each image once, cut both random resized crops from it,
@@ -10,8 +10,9 @@ as facebookresearch/moco does. The batched backend splits that work in two:
   per sample), grayscale, Gaussian blur, solarize and normalisation, in the requested dtype and
   memory format.
 
-For small datasets held in memory (`selfsup.inmemory`) the crop and flip run here too
-(`resized_crop`), so nothing per image is left on the CPU.
+For small datasets held in memory (`selfsup.inmemory`) the crop and flip run batched on the
+device too (`TwoViewAugment.forward_from_images`, with selfsup.crops's batched geometry), so
+nothing per image is left on the CPU.
 
 Every operation reproduces the tensor formulas of torchvision's `transforms.functional`
 (the same blends, grayscale weights and HSV round trip), and the blur reproduces what the
@@ -20,7 +21,7 @@ reference pipeline really runs: Pillow's `GaussianBlur`, three extended box filt
 SSVM 2011). Differences to the PIL reference are uint8 rounding between Pillow's steps and
 Pillow's 8-bit HSV; docs/PERFORMANCE.md lists them and tests/test_augment.py measures them.
 
-All random parameters come from an explicit CPU `torch.Generator` (see `augment_generator`), so
+All random parameters come from an explicit CPU `torch.Generator` (see `selfsup.rng.augment_generator`), so
 the parameters of a step are a function of (seed, epoch, step, rank) and identical on a CPU and a
 GPU; they are tiny and move to the device with the batch.
 """

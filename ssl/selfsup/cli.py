@@ -1,13 +1,12 @@
 """What every entry script does around its work (main_pretrain.py, main_lincls.py, main_knn.py,
-detection/train_torchvision.py and the tools): usage errors and the checks that raise them,
-agreeing across processes that setup failed, output folders, the args dump, DDP wrapping, and
-the launcher tail - torchrun's environment, or facebookresearch/moco's --multiprocessing-distributed.
+detection/train_torchvision.py): usage errors and the checks that raise them, agreeing across
+processes that setup failed, output folders, the args dump, and the launcher tail - torchrun's
+environment, or facebookresearch/moco's --multiprocessing-distributed.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
-import torch.nn as nn
 
 from .checkpoint import CheckpointError
 from .distributed import DistInfo, concat_all_gather
@@ -58,13 +56,13 @@ def agree_on_error(error: BaseException | None, dist: DistInfo) -> bool:
 
 def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
     """The arguments that are plain values (numbers, strings, lists, None): what a checkpoint may
-    hold (it loads with weights_only=True) and what args.json shows."""
+    hold (it loads with weights_only=True)."""
     items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
     return {k: v for k, v in items if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 def write_args(output_dir: str | os.PathLike, args: argparse.Namespace, dist: DistInfo) -> None:
-    """OUTPUT_DIR/args.json, by rank 0."""
+    """OUTPUT_DIR/args.json (every argument, paths as strings), by rank 0."""
     if dist.is_main:
         with open(Path(output_dir) / "args.json", "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
@@ -76,21 +74,6 @@ def default_output_dir(pretrained: str | os.PathLike, kind: str) -> Path:
     path = Path(pretrained)
     name = path.name.removesuffix(".tar").removesuffix(".pth")
     return path.parent / (kind if name == "checkpoint" else f"{kind}-{name}")
-
-
-def wrap_ddp(module: nn.Module, dist: DistInfo, sync_buffers: bool = True) -> nn.Module:
-    """`module` in DistributedDataParallel when a process group exists, else `module` itself.
-
-    `sync_buffers=False` stops DDP's per-step broadcast of rank 0's buffers (pretraining: every
-    process enqueues the same keys already; see distributed.broadcast_buffers_)."""
-    if not dist.distributed:
-        return module
-    kwargs = {}
-    if not sync_buffers:  # the keyword was renamed in recent PyTorch
-        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        kwargs = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +120,13 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     with MoCo's --multiprocessing-distributed - in one spawned process per local GPU (or
     --nproc-per-node processes), after checking the global batch divides among them."""
     if not getattr(args, "multiprocessing_distributed", False):
-        return main(args)
+        try:
+            return main(args)
+        except KeyboardInterrupt:  # a Ctrl-C during setup, or the second one during training
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("\ninterrupted: stopped at once; checkpoints already written are intact, and the same command "
+                      "resumes from the last one", file=sys.stderr, flush=True)
+            return 130
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         print("error: --multiprocessing-distributed spawns its own processes; do not combine it with torchrun",
               file=sys.stderr)
@@ -147,6 +136,6 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    nproc = args.nproc_per_node or torch.cuda.device_count() or 1
+    nproc = _spawned_world_size(args) // max(args.world_size, 1)
     torch.multiprocessing.spawn(_worker, args=(main, args, nproc), nprocs=nproc)
     return 0

@@ -9,7 +9,7 @@ reduced JPEG scale (DCT scaling, Pillow's `draft`) when both crops still get at 
 output resolution from it - then crop, resize (antialiased bilinear, as Pillow) and flip each
 view and return it as a uint8 3 x S x S tensor. Colour, blur and normalisation follow batched
 (`selfsup.augment`): on the accelerator, or - on a CPU-only run - still in the worker, per batch
-(`TwoCropsBatches`).
+(`selfsup.pipeline.TwoCropsBatches`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -377,3 +378,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_ddp(module: nn.Module, dist: DistInfo, sync_buffers: bool = True) -> nn.Module:
+    """`module` in DistributedDataParallel when a process group exists, else `module` itself.
+
+    `sync_buffers=False` stops DDP's per-step broadcast of rank 0's buffers (pretraining: every
+    process enqueues the same keys already; see distributed.broadcast_buffers_)."""
+    if not dist.distributed:
+        return module
+    kwargs = {}
+    if not sync_buffers:  # the keyword was renamed in recent PyTorch
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        kwargs = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **kwargs)

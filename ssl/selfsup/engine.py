@@ -24,9 +24,10 @@ from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
 from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
-from .optim import cosine_lr, set_lr, step_lr
+from .optim import learning_rate, set_lr
 from .resume import Checkpointer
-from .stopping import NonFiniteLossError, StopRequest
+from .rng import preserved
+from .stopping import NonFiniteLossError, StopRequest, signal_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ class StepContext:
     global_batch: int
     dist: DistInfo
     stop: StopRequest = field(default_factory=StopRequest)
-
-
-def learning_rate(ctx: StepContext, epoch_float: float) -> float:
-    if ctx.cos:
-        return cosine_lr(ctx.base_lr, epoch_float, ctx.epochs, ctx.warmup_epochs)
-    return step_lr(ctx.base_lr, epoch_float, ctx.schedule, ctx.warmup_epochs)
 
 
 def _step_flags(loss: torch.Tensor, stop: bool, skipped: int) -> torch.Tensor:
@@ -136,7 +131,7 @@ def train_one_epoch(
         step = start_step + i
         data_time += time.perf_counter() - end
         epoch_float = epoch + step / ctx.steps_per_epoch
-        lr = learning_rate(ctx, epoch_float)
+        lr = learning_rate(ctx.base_lr, epoch_float, ctx.epochs, ctx.cos, ctx.schedule, ctx.warmup_epochs)
         set_lr(optimizer, lr)
         momentum = core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
 
@@ -210,7 +205,7 @@ def _progress_line(ctx: StepContext, epoch: int, step: int, loss: float, loss_av
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, pipeline,
         ctx: StepContext, checkpointer: Checkpointer, metrics: MetricsWriter, *, start_epoch: int = 0,
         start_step: int = 0, meter_state: dict | None = None, monitor: KNNMonitor | None = None,
-        knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0, embed_dim: int = 128) -> int:
+        knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0) -> int:
     """Train epochs start_epoch .. ctx.epochs - 1 (the first from `start_step`) and report them.
 
     `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.pipeline.Pipeline;
@@ -241,8 +236,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
             broadcast_buffers_(core)
             if stats["stopped_at"] is not None and stats["stopped_at"] < steps:
                 checkpointer.save(epoch=epoch, step=stats["stopped_at"], meters=stats["meter_state"])
-                logger.info("stop signal %s: checkpoint written at epoch %d step %d; rerun the same command to resume",
-                            ctx.stop.signum, epoch, stats["stopped_at"])
+                logger.info("%s: checkpoint written at epoch %d step %d; rerun the same command to resume",
+                            signal_name(ctx.stop.signum), epoch, stats["stopped_at"])
                 return 0
             periodic = (epoch + 1) % save_freq == 0 or epoch + 1 == ctx.epochs
             checkpointer.save(*([f"checkpoint_{epoch:04d}.pth.tar"] if periodic else []), epoch=epoch + 1, step=0,
@@ -251,13 +246,15 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
                       "epoch_time_s": time.time() - t0}
             if monitor is not None and ((epoch + 1) % knn_every == 0 or epoch + 1 == ctx.epochs):
                 t1 = time.time()
-                record.update(monitor(core.encoder_q), knn_time_s=time.time() - t1)
+                with preserved():  # after the checkpoint: the evaluation must not move the random streams
+                    record.update(monitor(core.encoder_q), knn_time_s=time.time() - t1)
+            embed_dim = core.last_z.shape[1] if core.last_z is not None else 1
             record["collapse_warning"] = check_collapse(stats["embed_std"], embed_dim, epoch)
             metrics.write(record, step=epoch, prefix="pretrain/")
             logger.info(_epoch_line(record, embed_dim))
             if stats["stopped_at"] is not None:
-                logger.info("stop signal %s at the end of epoch %d: checkpoint written; rerun to resume",
-                            ctx.stop.signum, epoch)
+                logger.info("%s at the end of epoch %d: checkpoint written; rerun the same command to resume",
+                            signal_name(ctx.stop.signum), epoch)
                 return 0
     except NonFiniteLossError as e:
         latest = checkpointer.latest

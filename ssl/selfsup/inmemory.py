@@ -6,7 +6,7 @@ CIFAR images 150 MB), a batch is one indexing operation, and crop, flip and colo
 (`selfsup.augment.TwoViewAugment.forward_from_images`).
 
     data = InMemoryImages(images, labels)   # numpy or torch uint8: N x H x W, N x C x H x W
-    pipeline = build_memory_pipeline(data, "simclr", 32, batch_size=256, dist=DistInfo(), seed=0)
+    pipeline = build_memory_pipeline(data, aug="simclr", image_size=32, batch_size=256, dist=DistInfo(), seed=0)
 
 The loader yields the sampler's indices (ResumableDistributedSampler order, so resume is exact);
 `pipeline.views(indices, epoch, step)` gathers, crops and augments them with a generator

@@ -30,14 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .cli import UsageError, wrap_ddp
+from .cli import UsageError
 from .data import training_loader
-from .distributed import DistInfo, all_reduce_sum, get_rank
+from .distributed import DistInfo, all_reduce_sum, get_rank, wrap_ddp
 from .knn import extract_features, make_eval_loader
 from .meters import AverageMeter, MetricsWriter, ProgressMeter, accuracy
 from .optim import set_lr
 from .probe import LinearProbe, Pretrained, SanityCheckError, changed_backbone_keys, sanity_check
-from .resume import differences, run_state
+from .resume import run_state
 from .sampler import ResumableDistributedSampler
 from .stopping import NonFiniteLossError
 
@@ -353,7 +353,7 @@ def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str,
     this run: the same architecture, classes and pretrained backbone. Raises UsageError."""
     if ckpt.get("kind") != CHECKPOINT_KIND and "best_acc1" not in ckpt:
         raise UsageError(f"'{path}' is not a linear-classifier checkpoint (a pretraining one? pass it as --pretrained)")
-    problems = differences(ckpt, {"arch": arch}, ("arch",))
+    problems = [f"arch {ckpt['arch']!r} (this command: {arch!r})"] if ckpt.get("arch") not in (None, arch) else []
     if "classes" in ckpt and list(ckpt["classes"]) != classes:
         problems.append(f"{len(ckpt['classes'])} classes {list(ckpt['classes'])[:5]}... (this data: {len(classes)})")
     if problems:

@@ -1,6 +1,7 @@
 """The networks the methods are made of: torchvision ResNets (optionally with the small-image
 stem), projection/prediction MLPs, BatchNorm over sub-batches (shuffle BN on one process), the
-EMA update of a momentum network, and the wrappers around a model (DDP, torch.compile)."""
+EMA update of a momentum network, unwrapping a model (DDP, torch.compile) and compiling its
+networks."""
 
 from __future__ import annotations
 
@@ -201,8 +202,6 @@ def compile_networks(model: nn.Module, device: torch.device) -> str | None:
             return "no C compiler found, which Triton needs to build its kernels' launchers (set CC)"
     except Exception as e:  # an unsupported platform shows up as many kinds of errors
         return f"{type(e).__name__}: {e}"
-    for name in ("encoder_q", "encoder_k", "predictor"):
-        network = getattr(model, name, None)
-        if isinstance(network, nn.Module):
-            network.compile()
+    for name in getattr(model, "networks", ("encoder_q",)):  # Method.networks
+        getattr(model, name).compile()
     return None

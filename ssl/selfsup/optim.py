@@ -127,6 +127,14 @@ def step_lr(base_lr: float, epoch: float, schedule: Sequence[int], warmup_epochs
     return base_lr * 0.1 ** sum(int(epoch) >= milestone for milestone in schedule)
 
 
+def learning_rate(base_lr: float, epoch: float, epochs: float, cos: bool, schedule: Sequence[int] = (),
+                  warmup_epochs: float = 0.0) -> float:
+    """The learning rate at fractional `epoch`: warmup + cosine (`cos`), else MoCo's steps."""
+    if cos:
+        return cosine_lr(base_lr, epoch, epochs, warmup_epochs)
+    return step_lr(base_lr, epoch, schedule, warmup_epochs)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

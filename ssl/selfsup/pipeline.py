@@ -142,7 +142,7 @@ def build_pretrain_pipeline(
     workers: int,
     dist: DistInfo,
     seed: int,
-    backend: str = "auto",
+    backend: str = "reference",
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
@@ -205,7 +205,7 @@ def build_pretrain_pipeline(
 
 class TwoCropsBatches(torch.utils.data.Dataset):
     """Whole batches of a TwoCropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
-    (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
+    (sampler.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
 
     With `augment`, the batched colour half runs here too, with the generator the device would
     use for that step (augment_generator(seed, epoch, step, rank)): what a CPU-only run does, so
@@ -230,11 +230,11 @@ class TwoCropsBatches(torch.utils.data.Dataset):
 
 class InMemoryBatches(torch.utils.data.Dataset):
     """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
-    keys (pipeline.StepBatchSampler): `([view1, view2], labels, skipped)`.
+    keys (sampler.StepBatchSampler): `([view1, view2], labels, skipped)`.
 
     What a CPU-only run's loader workers make, so that the augmentation overlaps with the
     training step; the generator is the one the device would use for that step, so the views
-    are those of `build_memory_pipeline(...).to_device`.
+    are those of `build_memory_pipeline(...).views`.
     """
 
     def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int) -> None:

@@ -7,6 +7,7 @@ demo recipe) < flags on the command line.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from .methods import METHODS
@@ -25,6 +26,9 @@ COMMON: dict[str, Any] = {
     "cos": False,
     "image_size": 224,
     "small_stem": False,
+    "workers": 8,
+    "bn_splits": 1,
+    "knn_every": 0,
 }
 
 # The papers' ImageNet recipes. `lr_per_256` means lr = lr_per_256 * batch_size / 256 unless
@@ -96,7 +100,7 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     cfg: dict[str, Any] = {**COMMON, **METHODS[method].defaults}
     if demo:
         cfg.update(DEMO)
-        cfg.update(DEMO_METHOD[method])
+        cfg.update(DEMO_METHOD.get(method, {}))
     cfg.update({k: v for k, v in recipe.items() if k not in INFO_KEYS})
     cfg.update(explicit)
     cfg["method"] = method
@@ -105,16 +109,13 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     return cfg
 
 
-def fill_unset(args, *layers: dict[str, Any]):
-    """A copy of the argparse namespace `args` whose unset (None) flags take their value from the
-    recipe `layers`, later layers first - the other scripts' resolver (detection)."""
-    import argparse
-
+def fill_unset(args: argparse.Namespace, recipe: dict[str, Any]) -> argparse.Namespace:
+    """A copy of `args` whose unset (None) flags take the recipe's value: how the detection script
+    resolves --recipe (explicit flags win)."""
     out = argparse.Namespace(**vars(args))
-    for layer in layers[::-1]:
-        for key, value in layer.items():
-            if getattr(out, key, None) is None:
-                setattr(out, key, value)
+    for key, value in recipe.items():
+        if getattr(out, key, None) is None:
+            setattr(out, key, value)
     return out
 
 

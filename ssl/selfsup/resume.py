@@ -39,7 +39,6 @@ def run_state(optimizer: torch.optim.Optimizer, args: argparse.Namespace | dict,
     process's generators (gather_rng_states), for scripts whose randomness lives there."""
     state = {
         "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
         "world_size": dist.world_size,
         "num_threads": torch.get_num_threads(),
         "device_type": dist.device.type,
@@ -47,6 +46,8 @@ def run_state(optimizer: torch.optim.Optimizer, args: argparse.Namespace | dict,
     }
     if rng is not None:
         state["rng"] = rng
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     return state
 
 

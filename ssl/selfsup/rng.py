@@ -62,6 +62,18 @@ def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Gene
     return torch.Generator().manual_seed(mix_seed(seed, epoch, step, rank, 2))
 
 
+@contextlib.contextmanager
+def preserved():
+    """A block that leaves this process's random generators (torch CPU and CUDA, numpy, Python)
+    as it found them: an evaluation during training must not move the training's streams, or
+    a resumed run - whose checkpoint was written before the evaluation - would drift."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
 def capture_rng_state() -> dict:
     """This process's random generators as plain types (loadable with weights_only=True)."""
     np_state = np.random.get_state()

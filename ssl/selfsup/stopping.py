@@ -1,7 +1,8 @@
 """Why a run stops before its end, and how it stops cleanly.
 
-* `StopRequest`: SIGTERM and SIGUSR1 (SLURM's pre-emption warning) become a flag the training
-  loop checks at step boundaries, so it can write a checkpoint and exit with status 0.
+* `StopRequest`: Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's pre-emption warning) become a
+  flag the training loop checks at step boundaries, so it can write a checkpoint and exit with
+  status 0. A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line).
 * `ignore_stop_signals`: the loader workers leave those signals to the main process.
 * `NonFiniteLossError`: the loss became NaN or infinite; raised before the step that would
   spread it into the weights.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 
@@ -17,13 +19,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGUSR1 (SLURM's pre-emption warning) into a flag checked at step
-    boundaries, so the run can write a checkpoint and exit cleanly."""
+    """Turns Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's pre-emption warning) into a flag checked
+    at step boundaries, so the run can write a checkpoint and exit cleanly. A second Ctrl-C raises
+    KeyboardInterrupt at once. `announce` (rank 0) says on stderr what the first Ctrl-C does."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
@@ -37,7 +41,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.signum is None and signum == signal.SIGINT and self.announce:
+            # os.write, not print or logging: safe inside a signal handler
+            os.write(2, b"\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)\n")
+        self.signum = self.signum or signum
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -49,8 +58,16 @@ class StopRequest:
         return self.signum is not None
 
 
+def signal_name(signum: int | None) -> str:
+    """'Ctrl-C (SIGINT)', 'SIGTERM', ... for a log line."""
+    if signum is None:
+        return "no signal"
+    name = signal.Signals(signum).name
+    return "Ctrl-C (SIGINT)" if name == "SIGINT" else name
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1 to the main process.
+    """DataLoader worker_init_fn: leave Ctrl-C, SIGTERM and SIGUSR1 to the main process.
 
     Pre-emption signals often reach the whole process group (SLURM, torchrun's shutdown). A
     worker killed by one makes the main process fail at once; ignoring them lets the main process

@@ -20,10 +20,13 @@ class Method(nn.Module):
       the configuration between the common defaults and a preset (selfsup.recipes);
     * `flag_options`: which flags are its constructor's options, and under which keyword;
     * its loss: `forward(x1, x2, return_loss=True)` returns the training loss, a scalar tensor.
-      The engine calls it through DDP's wrapper, which must see the call that makes the loss;
+      The engine calls it through DDP's wrapper, which must see the call that makes the loss.
+      (`return_loss` exists for MoCo, whose plain forward keeps facebookresearch/moco's
+      `(logits, labels)`; the other methods return the loss either way);
     * its momentum schedule: `momentum_at(progress)`, None without a momentum network;
     * `last_z`: detached, L2-normalised embeddings (N x dim) of the last step, which the engine
-      reads for the collapse signal (selfsup.monitor).
+      reads for the collapse signal (selfsup.monitor);
+    * `networks`: the submodules that --compile compiles (the method's own logic stays eager).
 
     Every method keeps the network being trained (backbone + projection head) as `encoder_q`, so
     `module.encoder_q.*` feeds linear evaluation and detection transfer the same way. Adding a
@@ -34,6 +37,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     flag_options: ClassVar[dict[str, str]] = {}  # main_pretrain flag -> constructor keyword
+    networks: ClassVar[tuple[str, ...]] = ("encoder_q",)  # what --compile compiles
 
     def __init__(self) -> None:
         super().__init__()

@@ -28,6 +28,7 @@ class BYOL(MomentumMethod):
 
     name = "byol"
     defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.996, "aug": "byol", "moco_m_cos": True}
+    networks = ("encoder_q", "encoder_k", "predictor")
     flag_options = {"moco_dim": "dim", "mlp_dim": "hidden_dim", "moco_m": "m", "moco_m_cos": "m_cos",
                     "bn_splits": "bn_splits"}
 

@@ -53,6 +53,7 @@ class MoCo(MomentumMethod):
     # facebookresearch/moco main_moco.py's defaults (MoCo v1).
     defaults = {"moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.07, "mlp": False, "aug": "moco_v1",
                 "moco_m_cos": False}
+    networks = ("encoder_q", "encoder_k")
     flag_options = {"moco_dim": "dim", "moco_k": "K", "moco_m": "m", "moco_t": "T", "mlp": "mlp",
                     "moco_m_cos": "m_cos", "shuffle_bn": "shuffle_bn", "bn_splits": "bn_splits",
                     "batch_size": "global_batch_size"}
