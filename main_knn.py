@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 from selfsup.checkpoint import check_writable
-from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, default_output_dir, per_process_batch
+from selfsup.cli import (INPUT_ERRORS, UsageError, agree_on_error, default_output_dir, default_workers,
+                         per_process_batch)
 from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.networks import ARCHS
-from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained
+from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained, readable
 
 logger = logging.getLogger("main_knn")
 
@@ -38,7 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="root with train/ and val/ class folders; omit it for the embedded Fashion-MNIST demo")
     p.add_argument("--pretrained", required=True, help="pretraining checkpoint whose backbone is evaluated")
     p.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: the checkpoint's)")
-    p.add_argument("-j", "--workers", default=None, type=int, help="data loading workers per process (default: 8; demo 1)")
+    p.add_argument("-j", "--workers", default=None, type=int,
+                   help="data loading workers per process (default: CPUs per process - 1)")
     p.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch of the feature extraction (default: 256)")
     p.add_argument("--k", "--nb-knn", default=[200], nargs="+", type=int, dest="k",
                    help="numbers of neighbours to report (default: 200)")
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     if agree_on_error(error, dist_info):
         return 2
     setup_logging(dist_info.rank, args.output_dir)
+    val_ds = readable(val_ds, "the validation set", dist_info, args.workers)  # the bank: left out at extraction
     device = dist_info.device
     backbone = probe.backbone.to(device)
     logger.info("%s %s at %dpx from %s; %d classes, %d train / %d val images from %s; %d process(es) on %s",
@@ -108,7 +111,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.demo:
         args.data = str(DEMO_ROOT)
     if args.workers is None:
-        args.workers = 1 if args.demo else 8
+        args.workers = default_workers()
     args.output_dir = Path(args.output_dir or default_output_dir(args.pretrained, "knn"))
     return main(args)
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from selfsup.checkpoint import check_writable, load_checkpoint
-from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, default_output_dir, launch,
-                         per_process_batch, write_args)
+from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers,
+                         default_output_dir, default_workers, launch, per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
+from selfsup.recipes import linear_protocol
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
@@ -38,7 +39,7 @@ from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.networks import ARCHS
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
-                           load_pretrained, train_transform)
+                           load_pretrained, readable, train_transform)
 from selfsup.resume import restore_run_state
 from selfsup.sampler import ResumableDistributedSampler
 
@@ -57,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and model")
     g.add_argument("-a", "--arch", default=None, choices=ARCHS,
                    help="backbone; default: the checkpoint's (a different one is an error), resnet50 without one")
-    g.add_argument("-j", "--workers", default=None, type=int, help="data loading workers per process (default: 8; demo 1)")
+    g.add_argument("-j", "--workers", default=None, type=int, help="data loading workers per process (default: CPUs per process - 1)")
     g.add_argument("--image-size", default=None, type=int,
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")
     g.add_argument("--train-aug", default=None, choices=TRAIN_AUGS,
@@ -67,18 +68,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --train-aug none, still run the backbone on the images every step")
     g.add_argument("--save-features", action="store_true",
                    help="also keep the cached features in OUTPUT_DIR (features_train.pth, features_val.pth) for reruns")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", default=100, type=int, help="total epochs (default: 100)")
+    g = p.add_argument_group("optimisation (default: the checkpoint's method's protocol, docs/EVALUATION.md)")
+    g.add_argument("--epochs", default=None, type=int, help="total epochs (MoCo's protocol: 100)")
     g.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch size over all processes (default: 256)")
-    g.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr",
-                   help="initial learning rate, not scaled with the batch (default: 30, MoCo's; see docs/EVALUATION.md)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="sgd (default) or lars")
+    g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
+                   help="initial learning rate, not scaled with the batch (MoCo: 30; SimCLR, BYOL: 0.1, 0.2 x B/256)")
+    g.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (the protocols') or lars")
     g.add_argument("--momentum", default=0.9, type=float, help="momentum (default: 0.9)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SimCLR's and BYOL's protocols)")
-    g.add_argument("--wd", "--weight-decay", default=0.0, type=float, dest="wd", help="weight decay (default: 0)")
-    g.add_argument("--cos", action="store_true", help="cosine lr schedule instead of --schedule")
-    g.add_argument("--schedule", default=[60, 80], nargs="*", type=int,
-                   help="epochs at which to drop the lr by 10x when not --cos (default: 60 80)")
+    g.add_argument("--nesterov", default=None, action=argparse.BooleanOptionalAction,
+                   help="Nesterov momentum (SimCLR's and BYOL's protocols)")
+    g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help="weight decay (protocols: 0)")
+    g.add_argument("--cos", default=None, action=argparse.BooleanOptionalAction,
+                   help="cosine lr schedule instead of --schedule (SimCLR's and BYOL's protocols)")
+    g.add_argument("--schedule", default=None, nargs="*", type=int,
+                   help="epochs at which to drop the lr by 10x when not --cos (MoCo's protocol: 60 80)")
     g.add_argument("--seed", default=0, type=int, help="seed of the classifier's init, data order and augmentation")
     g = p.add_argument_group("distributed (torchrun needs none of these)")
     add_device_args(g, moco_gpu=True)
@@ -100,7 +103,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         out.data = str(DEMO_ROOT)
     # The demo trains on cached features: the whole MoCo schedule (100 epochs) in seconds.
     out.train_aug = args.train_aug or ("none" if out.demo else "standard")
-    out.workers = args.workers if args.workers is not None else (1 if out.demo else 8)
+    out.workers = args.workers if args.workers is not None else default_workers()
     if out.output_dir is None:
         if out.pretrained:
             out.output_dir = str(default_output_dir(out.pretrained, "lincls"))
@@ -143,6 +146,9 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
     if dist_info.is_main:
         check_writable(args.output_dir)
     pretrained = load_pretrained(args.pretrained, args.arch) if args.pretrained else None
+    args.protocol = linear_protocol(args, pretrained.method if pretrained else None)
+    check_numbers(args, positive=("epochs", "batch_size", "lr", "image_size"),
+                  non_negative=("workers", "wd", "momentum", "schedule", "print_freq"))
     path = classifier_checkpoint_path(args)
     if args.evaluate and path is None:
         raise UsageError(f"--evaluate needs a trained classifier: none in {args.output_dir}; pass --resume PATH")
@@ -186,12 +192,14 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         return 2
     output_dir, device, probe = Path(args.output_dir), dist_info.device, setup.probe
     setup_logging(dist_info.rank, output_dir)
+    setup.val_ds = readable(setup.val_ds, "the validation set", dist_info, args.workers)
     write_args(output_dir, args, dist_info)
     logger.info("%s%s %s (%s) at %dpx, %d classes, %d train / %d val images from %s",
                 "Demo: " if args.demo else "", setup.arch, "small stem" if setup.small_stem else "standard stem",
                 f"pretrained {args.pretrained}" if setup.pretrained else (
                     f"backbone of {setup.resumed_from}" if args.evaluate else "RANDOM INIT: a baseline, not an evaluation"),
                 setup.image_size, len(setup.classes), len(setup.train_ds), len(setup.val_ds), args.data)
+    logger.info(args.protocol)
     if setup.resumed_from:
         logger.info("classifier restored from %s (%d epochs trained, best acc@1 %.2f)", setup.resumed_from,
                     setup.start_epoch, setup.best_acc1)
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     try:
         if args.evaluate:
             val_loader = make_eval_loader(setup.val_ds, setup.local_batch, args.workers, device.type == "cuda")
-            val = validate(probe, image_batches(val_loader, device), device)
+            val = validate(probe, image_batches(val_loader, device, readable_only=True), device)
             logger.info(" * Acc@1 %.3f Acc@5 %.3f (%d images, loss %.4f)", val["val_acc1"], val["val_acc5"],
                         val["val_n"], val["val_loss"])
             metrics.write({"evaluate": str(setup.resumed_from), **val})

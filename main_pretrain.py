@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from selfsup import recipes
+from selfsup.recipes import run_definition
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
-from selfsup.cli import INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, launch, per_process_batch, write_args
-from selfsup.data import DEMO_ROOT, find_samples, resolve_split_dir, verify_images
-from selfsup.distributed import DistInfo, add_device_args, run_in_process_group, wrap_ddp
-from selfsup.engine import AMP_DTYPES, StepContext, fit
+from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers, default_workers,
+                         launch, per_process_batch, report, write_args, write_json)
+from selfsup.data import DEMO_ROOT, find_samples, find_unreadable, resolve_split_dir
+from selfsup.distributed import DistInfo, add_device_args, broadcast_object, run_in_process_group, wrap_ddp
+from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
 from selfsup.monitor import folder_monitor
@@ -38,7 +39,7 @@ from selfsup.networks import ARCHS, compile_networks
 from selfsup.optim import build_optimizer
 from selfsup.pipeline import BACKENDS, build_pretrain_pipeline
 from selfsup.presets import PRESETS as AUG_PRESETS
-from selfsup.resume import Checkpointer, differences, read_checkpoint, restore_run_state, run_state
+from selfsup.resume import Checkpointer, fresh_folder
 from selfsup.stopping import StopRequest
 
 logger = logging.getLogger("main_pretrain")
@@ -58,7 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(recipes.PRESETS), default=None,
                    help="a paper's ImageNet recipe in one word (see README); explicit flags override it")
     g = p.add_argument_group("data")
-    g.add_argument("-j", "--workers", default=None, type=int, help="data loading workers per process (default: 8)")
+    g.add_argument("-j", "--workers", default=None, type=int,
+                   help="data loading workers per process (default: the CPUs per process, less one; 1 to 8)")
     g.add_argument("--image-size", default=None, type=int, help="crop size (default: 224)")
     g.add_argument("--aug", default=None, choices=list(AUG_PRESETS), help="augmentation preset (default: the method's)")
     g.add_argument("--aug-plus", action="store_true", help="MoCo v2's augmentation (same as --aug moco_v2)")
@@ -97,9 +99,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_args(g, moco_gpu=True)
     add_moco_launcher_args(g)
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<method>-<arch>[-demo])")
+    g.add_argument("--output-dir", default=None,
+                   help="where checkpoints and logs go (default: runs/<method>-<arch>-<data folder name>)")
     g.add_argument("--resume", default="", type=str,
                    help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pth.tar if present)")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start afresh: in OUTPUT_DIR-2 (-3, ...) when OUTPUT_DIR holds a run already")
+    g.add_argument("--accept-changes", action="store_true",
+                   help="continue the run in OUTPUT_DIR although data or hyperparameters changed (refused otherwise)")
     g.add_argument("--start-epoch", default=None, type=int, help="manual epoch number (useful on restarts)")
     g.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
     g.add_argument("--save-every-steps", default=0, type=int,
@@ -139,16 +146,21 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     if args.aug_plus:
         explicit.setdefault("aug", "moco_v2")
     demo = args.data is None
+    if args.no_resume and args.resume:
+        raise UsageError("--no-resume starts afresh, --resume continues a checkpoint: give one of them")
     try:
         cfg = recipes.resolve(args.method, args.preset, demo, explicit)
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = argparse.Namespace(**{**vars(args), **cfg})
     out.demo = demo
-    if demo:
-        out.data = str(DEMO_ROOT)
-    if out.output_dir is None:
-        out.output_dir = os.path.join("runs", f"{out.method}-{out.arch}" + ("-demo" if demo else ""))
+    out.workers = default_workers() if out.workers is None else out.workers
+    out.output_dir = out.output_dir or recipes.default_output_dir(out.method, out.arch, out.data)
+    out.data = str(DEMO_ROOT) if demo else out.data
+    check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
+                                 "bn_splits", "print_freq", "save_freq", "knn_k", "knn_t"),
+                  non_negative=("workers", "wd", "momentum", "warmup_epochs", "save_every_steps", "knn_every",
+                                "start_epoch", "schedule"), fractions=("moco_m",))
     return out
 
 
@@ -161,11 +173,6 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     if dist_info.is_main:
         check_writable(args.output_dir)
     data_dir = resolve_split_dir(args.data, "train")
-    if args.verify_images and dist_info.is_main:
-        bad = verify_images(find_samples(data_dir)[0])
-        for path, reason in bad:
-            logger.warning("unreadable image: %s (%s)", path, reason)
-        logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
@@ -175,6 +182,8 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
                         **METHODS[args.method].options(vars(args)))
+    for warning in model.data_warnings(pipeline.num_images) if dist_info.is_main else ():
+        logger.warning(warning)
     model.to(dist_info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -194,35 +203,10 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     return model, optimizer, scaler, pipeline, monitor
 
 
-def resume(args, dist_info, model, optimizer, scaler, steps_per_epoch: int) -> dict:
-    """Restore model (queue and target network included), optimizer, scaler, position and random
-    streams from --resume or OUTPUT_DIR/checkpoint.pth.tar; returns where to continue."""
-    path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth.tar"
-    ckpt = read_checkpoint(path, bool(args.resume), dist_info)
-    if ckpt is None:
-        return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
-    saved = ckpt.get("args") or {}
-    saved = {**saved, "method": ckpt.get("method", saved.get("method", "moco")), "arch": ckpt.get("arch", saved.get("arch"))}
-    problems = differences(saved, vars(args), ("method", "arch", "small_stem"))
-    if problems:
-        raise UsageError(f"checkpoint '{path}' was written by another kind of run: {', '.join(problems)}. Use the "
-                         "same flags as that run, or a new --output-dir to start afresh.")
-    try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim?): "
-                         f"{str(e).splitlines()[0]} ...") from e
-    restore_run_state(ckpt, dist_info, optimizer, scaler)
-    start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
-    if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end
-        start = {"epoch": start["epoch"] + 1, "step": 0, "meters": None}
-    logger.info("resumed from %s: epoch %d, step %d (global step %d)", path, start["epoch"], start["step"],
-                ckpt.get("global_step", start["epoch"] * steps_per_epoch + start["step"]))
-    return start
-
-
 def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
+    if args.no_resume:  # one decision for every process, before rank 0 creates the folder
+        args.output_dir = str(broadcast_object(fresh_folder(args.output_dir)))
     built = error = None
     try:
         built = build(args, dist_info)
@@ -233,15 +217,22 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     model, optimizer, scaler, pipeline, monitor = built
     output_dir = Path(args.output_dir)
     setup_logging(dist_info.rank, output_dir)
+    if args.verify_images:  # every process decodes its share of the files
+        data_dir = resolve_split_dir(args.data, "train")
+        bad = find_unreadable(find_samples(data_dir)[0], dist_info, args.workers)
+        for path, reason in bad:
+            logger.warning("unreadable image: %s (%s)", path, reason)
+        logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
     steps = pipeline.sampler.steps_per_epoch
     start = error = None
     try:
-        start = resume(args, dist_info, model, optimizer, scaler, steps)
+        start = resume(model, optimizer, scaler, args, dist_info, steps)
     except INPUT_ERRORS as e:
         error = e
     if agree_on_error(error, dist_info):
         return 2
     write_args(output_dir, args, dist_info)
+    write_json(output_dir / "run.json", run_definition(vars(args)), dist_info)
     logger.info("%s%s", "No data folder given: training on the embedded demo (" if args.demo else "Data: ",
                 pipeline.description + (")." if args.demo else ""))
     logger.info("%s %s, %d process(es) on %s%s, global batch %d, lr %.4g (%s), %d epochs -> %s", args.method,
@@ -252,20 +243,15 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
                     "or use another --output-dir).", output_dir, args.epochs)
         return 0
 
-    def state(rng: list, epoch: int, step: int, meters: dict | None) -> dict:
-        """Everything an exact continuation needs, in plain types. Keys of `state_dict` are those
-        of the DDP-wrapped model (`module.encoder_q.*`, `module.queue`, ...) whatever the world
-        size, as facebookresearch/moco's tools expect."""
-        return {"epoch": epoch, "step": step, "global_step": epoch * steps + step, "arch": args.arch,
-                "method": args.method, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                **run_state(optimizer, args, dist_info, rng, scaler),
-                "meters": {k: float(v) for k, v in (meters or {}).items()}}  # loss_sum may be on the device
+    def state(**position) -> dict:
+        return checkpoint_state(model, optimizer, scaler, args, dist_info, steps_per_epoch=steps, **position)
 
+    metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
     ctx = StepContext(epochs=args.epochs, steps_per_epoch=steps, base_lr=args.lr, cos=args.cos,
                       schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
                       print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info,
-                      stop=StopRequest(announce=dist_info.is_main))
-    metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
+                      stop=StopRequest(announce=dist_info.is_main),
+                      scalars=lambda values, step: metrics.scalars(values, step, "pretrain_step/"))
     try:
         # The key/target network has requires_grad=False, so DDP ignores it: no unused parameters.
         return fit(wrap_ddp(model, dist_info, sync_buffers=False), optimizer, scaler, pipeline, ctx,
@@ -288,8 +274,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         args = resolve_config(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return launch(main, args)
 
 

@@ -70,6 +70,42 @@ def build_trainer_class():
     return Trainer
 
 
+def configured_weights(config_file: str, opts: list[str]) -> str:
+    """MODEL.WEIGHTS as the config file (and its _BASE_ chain) and the command line's overrides set
+    it - read without Detectron2, so that bad input is reported before `launch` starts a process
+    per GPU (each of which would print the same error)."""
+    import yaml
+
+    weights, path = "", os.path.abspath(config_file)
+    chain = []
+    while path:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        chain.append(cfg)
+        base = cfg.get("_BASE_")
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    for cfg in reversed(chain):  # the base first, the file itself last
+        weights = (cfg.get("MODEL") or {}).get("WEIGHTS", weights)
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "MODEL.WEIGHTS":
+            weights = value
+    return weights
+
+
+def check_before_launch(args) -> str | None:
+    """Why this command cannot run, or None: checked once, before any process starts."""
+    if not os.path.isfile(args.config_file):
+        return f"--config-file {args.config_file} does not exist"
+    weights = configured_weights(args.config_file, args.opts)
+    if not weights and not args.resume:
+        return ("MODEL.WEIGHTS is empty. Convert a pretrained checkpoint with `python detection/convert_to_detectron2.py "
+                "CHECKPOINT.pth.tar OUT.pkl` and add `MODEL.WEIGHTS OUT.pkl` to the command line (or `MODEL.WEIGHTS "
+                "random` to train from scratch).")
+    if weights and weights != "random" and "://" not in weights and not os.path.isfile(weights):
+        return f"MODEL.WEIGHTS {weights} does not exist (convert a checkpoint with detection/convert_to_detectron2.py)"
+    return None
+
+
 def setup(args):
     from detectron2.config import get_cfg
     from detectron2.engine import default_setup
@@ -77,12 +113,6 @@ def setup(args):
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if not cfg.MODEL.WEIGHTS and not args.resume:
-        raise SystemExit(
-            "error: MODEL.WEIGHTS is empty. Convert a pretrained checkpoint with "
-            "`python detection/convert_to_detectron2.py CHECKPOINT.pth.tar OUT.pkl` and add `MODEL.WEIGHTS OUT.pkl` "
-            "to the command line (or `MODEL.WEIGHTS random` to train from scratch)."
-        )
     if cfg.MODEL.WEIGHTS == "random":
         cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
@@ -112,6 +142,10 @@ def cli(argv: list[str] | None = None) -> int:
     from detectron2.engine import default_argument_parser, launch
 
     args = default_argument_parser().parse_args(argv)
+    problem = check_before_launch(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
     return 0

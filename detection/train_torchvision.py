@@ -19,6 +19,7 @@ batch over all processes. Running the same command again resumes from OUTPUT_DIR
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -33,11 +34,13 @@ from selfsup import recipes  # noqa: E402
 from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
 from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, per_process_batch, plain_args, write_args  # noqa: E402
 from selfsup.data import training_loader  # noqa: E402
-from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group, wrap_ddp  # noqa: E402
+from selfsup.distributed import (DistInfo, add_device_args, barrier, broadcast_object, run_in_process_group,  # noqa: E402
+                                 wrap_ddp)
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
 from selfsup.networks import ARCHS, unwrap  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
-from selfsup.resume import Checkpointer, differences, restore_run_state, run_state  # noqa: E402
+from selfsup.resume import (Checkpointer, check_same_run, differences, fresh_folder, restore_run_state,  # noqa: E402
+                            run_state)
 from selfsup.sampler import ResumableDistributedSampler  # noqa: E402
 from selfsup.stopping import NonFiniteLossError  # noqa: E402
 
@@ -91,7 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-period", type=int, default=None, help="write checkpoint.pth.tar every N iterations")
     p.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/checkpoint.pth.tar (or --resume)")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pth.tar if present)")
-    p.add_argument("--output-dir", default=None, help="default: runs/det-<recipe>-<head>")
+    p.add_argument("--output-dir", default=None,
+                   help="default: runs/det-<recipe>-<head>-<backbone: random, supervised or the checkpoint's name>")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh: in OUTPUT_DIR-2 (-3, ...) when OUTPUT_DIR holds a run already")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="continue the run in OUTPUT_DIR although its definition changed (refused otherwise)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading workers per process")
     p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N iterations (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order and sampling (default: 0)")
@@ -99,11 +107,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def backbone_name(args: argparse.Namespace) -> str:
+    """'random', 'supervised', or the pretrained checkpoint's name: its folder's for a
+    checkpoint.pth.tar (runs/moco-resnet50-imagenet/checkpoint.pth.tar -> moco-resnet50-imagenet)."""
+    if not args.pretrained:
+        return "supervised" if args.supervised else "random"
+    path = Path(args.pretrained)
+    stem = path.name.removesuffix(".tar").removesuffix(".pth").removesuffix(".pkl")
+    return path.resolve().parent.name if stem == "checkpoint" else stem
+
+
+# What defines a detection run besides the starting weights: what changes the detector it trains.
+# --max-iter is not among them (extending a run is allowed).
+RUN_DEFINING = ("recipe", "arch", "head", "norm", "small_stem", "freeze_at", "train", "min_size", "max_size",
+                "batch_size", "lr", "steps", "warmup_iters", "momentum", "wd", "roi_batch_size", "fpn_channels",
+                "box_head_dim", "seed")
+
+
+def run_definition(args: argparse.Namespace) -> dict:
+    """RUN_DEFINING's values, and the starting weights: 'random', 'supervised', or the checkpoint's
+    absolute path and the SHA-256 of its content (a file replaced under the same name differs)."""
+    out = {k: getattr(args, k, None) for k in RUN_DEFINING}
+    if args.pretrained:
+        digest = hashlib.sha256()
+        with open(args.pretrained, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.update(init=str(Path(args.pretrained).resolve()), init_sha256=digest.hexdigest())
+    elif args.supervised or args.random_init:
+        out["init"] = "supervised" if args.supervised else "random"
+    return out
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the recipe (selfsup.recipes.DETECTION)."""
     out = recipes.fill_unset(args, recipes.DETECTION[args.recipe])
     if out.output_dir is None:
-        out.output_dir = str(Path("runs") / f"det-{args.recipe}-{out.head}")
+        out.output_dir = str(Path("runs") / f"det-{args.recipe}-{out.head}-{backbone_name(args)}")
     if out.steps and any(s >= out.max_iter for s in out.steps):
         logger.warning("--steps %s include iterations at or past --max-iter %d", out.steps, out.max_iter)
     return out
@@ -161,6 +201,9 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
                              f"{list(class_names)}")
 
     torch.manual_seed(args.seed)  # the same new layers on every process (DDP also broadcasts them)
+    definition = run_definition(args) if args.pretrained is None or Path(args.pretrained).is_file() else {}
+    if resume is not None and not args.eval_only and "run" in resume:  # checkpoints before run records: below
+        check_same_run(resume["run"], definition, ckpt_path, args.accept_changes)
     if resume is not None:
         saved = resume.get("detector", {})
         # SyncBN and BN hold the same state and agree at test time: evaluating a SyncBN run in
@@ -204,11 +247,13 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
         torch.manual_seed(args.seed + dist_info.rank)
     logger.info("%s-%s Faster R-CNN, %s, %d classes, backbone from %s", arch, cfg.head.upper(), cfg.norm,
                 len(class_names), init_desc)
-    return model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch
+    return model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch, definition
 
 
 def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
+    if args.no_resume:  # one decision for every process, before rank 0 creates the folder
+        args.output_dir = str(broadcast_object(fresh_folder(args.output_dir)))
     prepared = error = None
     try:
         prepared = prepare(args, dist_info)
@@ -216,13 +261,13 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         error = e
     if agree_on_error(error, dist_info):
         return 2
-    model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch = prepared
+    model, optimizer, cfg, train_set, test_sets, start_iter, output_dir, class_names, local_batch, definition = prepared
     setup_logging(dist_info.rank, output_dir)
     metrics = MetricsWriter(output_dir, enabled=dist_info.is_main)
     write_args(output_dir, args, dist_info)
 
     def state(rng: list, iters_done: int) -> dict:
-        return {"iter": iters_done, "model": unwrap(model).state_dict(),
+        return {"iter": iters_done, "model": unwrap(model).state_dict(), "run": definition,
                 "detector": {**asdict(cfg), "train_sizes": list(cfg.train_sizes)}, "class_names": list(class_names),
                 **run_state(optimizer, args, dist_info, rng)}
 

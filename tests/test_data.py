@@ -1,10 +1,13 @@
 """Datasets and the resumable sampler."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import make_image_folder, write_idx
-from selfsup.data import ImageDataset, find_samples, load_fashion_mnist, read_idx, resolve_split_dir
+from selfsup.data import (ImageDataset, find_samples, find_unreadable, load_fashion_mnist, read_idx, resolve_split_dir,
+                          without_files)
 from selfsup.rng import mix_seed, seeded
 from selfsup.sampler import ResumableDistributedSampler
 
@@ -18,18 +21,18 @@ def test_find_samples_class_folders_flat_folder_and_moco_layout(tmp_path):
     assert classes == [] and len(samples) == 3 and all(s[1] == -1 for s in samples)
 
 
-def test_unreadable_images_are_replaced_in_training_and_refused_in_evaluation(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=1, per_class=3)
-    bad = root / "class0" / "c0_001.png"
-    bad.write_bytes(b"not a png")
+def test_unreadable_images_are_replaced_and_each_counted_once(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=1, per_class=5)
+    for name in ("c0_001.png", "c0_002.png"):  # two bad files side by side
+        (root / "class0" / name).write_bytes(b"not a png")
     samples, classes = find_samples(root)
     train = ImageDataset(samples, classes=classes)
     img, label, skipped = train[1]
-    assert skipped == 1 and img.size == (24, 24)  # the next readable image took its place
-    assert train[0][2] == 0
-    evaluation = ImageDataset(samples, classes=classes, replace_unreadable=False)
-    with pytest.raises(RuntimeError, match="c0_001.png"):
-        evaluation[1]
+    assert img.size == (24, 24)  # the next readable image took its place
+    assert [train[i][2] for i in range(5)] == [0, 1, 1, 0, 0]  # 2 unreadable files, 2 counted
+    bad = find_unreadable(samples)
+    assert sorted(Path(p).name for p, _ in bad) == ["c0_001.png", "c0_002.png"]
+    assert len(without_files(train, [p for p, _ in bad])) == 3
 
 
 def test_sampler_deals_the_same_global_batches_for_any_world_size():

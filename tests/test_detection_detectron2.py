@@ -115,3 +115,23 @@ def test_extra_norm_head_registers_with_detectron2():
     train_net.register_extra_norm_head()
     train_net.register_extra_norm_head()  # idempotent
     assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
+
+
+def test_train_net_refuses_missing_weights_before_starting_any_process(tmp_path):
+    pytest.importorskip("yaml")
+    from argparse import Namespace
+
+    moco = str(CONFIGS / "voc_R_50_C4_24k_moco.yaml")
+    supervised = str(CONFIGS / "coco_R_50_C4_1x.yaml")
+
+    def check(config, opts, resume=False):
+        return train_net.check_before_launch(Namespace(config_file=config, opts=opts, resume=resume))
+
+    assert "MODEL.WEIGHTS is empty" in check(moco, [])
+    assert check(moco, [], resume=True) is None  # resuming OUTPUT_DIR's last checkpoint
+    assert "does not exist" in check(moco, ["MODEL.WEIGHTS", str(tmp_path / "missing.pkl")])
+    (tmp_path / "w.pkl").write_bytes(b"x")
+    assert check(moco, ["SOLVER.MAX_ITER", "10", "MODEL.WEIGHTS", str(tmp_path / "w.pkl")]) is None
+    assert check(moco, ["MODEL.WEIGHTS", "random"]) is None
+    assert check(supervised, []) is None  # the base config's detectron2:// weights
+    assert "does not exist" in check(str(tmp_path / "nope.yaml"), [])

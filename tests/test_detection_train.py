@@ -38,8 +38,9 @@ def records(run: Path) -> list[dict]:
 @pytest.mark.e2e
 def test_cpu_training_learns_the_synthetic_task(shapes, tmp_path):
     run = tmp_path / "run"
-    status = cli(SMALL + ["--data-root", str(shapes), "--output-dir", str(run), "--batch-size", "4", "--lr", "0.04",
-                          "--max-iter", "80", "--steps", "64", "--warmup-iters", "20"])
+    command = SMALL + ["--data-root", str(shapes), "--output-dir", str(run), "--batch-size", "4", "--lr", "0.04",
+                       "--max-iter", "80", "--steps", "64", "--warmup-iters", "20"]
+    status = cli(command)
     assert status == 0
     train = [r for r in records(run) if r["type"] == "train"]
     (final,) = [r for r in records(run) if r["type"] == "eval"]
@@ -53,7 +54,7 @@ def test_cpu_training_learns_the_synthetic_task(shapes, tmp_path):
     assert ckpt["iter"] == 80 and ckpt["class_names"] == ["square"] and ckpt["detector"]["head"] == "fpn"
     assert (run / "model_final.pth.tar").is_file()
     # Running the finished command again evaluates the final model and trains nothing.
-    assert cli(SMALL + ["--data-root", str(shapes), "--output-dir", str(run), "--max-iter", "80"]) == 0
+    assert cli(command) == 0
     again = [r for r in records(run) if r["type"] == "eval"][-1]
     assert again["AP50"] == pytest.approx(final["AP50"])
 
@@ -94,3 +95,33 @@ def test_bad_flags_are_refused(shapes, tmp_path, capsys):
     assert "--random-init" in capsys.readouterr().err
     assert cli(SMALL + ["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "y")]) == 2
     assert "VOCdevkit" in capsys.readouterr().err
+
+
+def test_rerun_with_another_backbone_is_refused_not_resumed(shapes, tmp_path, capsys, monkeypatch):
+    from selfsup.builder import build_model
+
+    # Default folders name the backbone: two backbones compared never share one.
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in SMALL if a != "--random-init"] + ["--data-root", str(shapes), "--test", "--max-iter", "2",
+                                                          "--steps", "1", "--warmup-iters", "1", "-b", "2", "-a",
+                                                          "resnet18"]
+    assert cli(args + ["--random-init"]) == 0
+    ckpt = tmp_path / "pre" / "checkpoint.pth.tar"
+    ckpt.parent.mkdir()
+    torch.save({"arch": "resnet18", "method": "simclr", "args": {"arch": "resnet18", "small_stem": False},
+                "state_dict": {f"module.{k}": v for k, v in build_model("simclr", "resnet18").state_dict().items()}},
+               ckpt)
+    assert cli(args + ["--pretrained", str(ckpt)]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["det-demo-fpn-pre", "det-demo-fpn-random"]
+    # The same folder with other starting weights: refused, with the ways out, and nothing lost.
+    run = tmp_path / "runs" / "det-demo-fpn-random"
+    before = (run / "checkpoint.pth.tar").read_bytes()
+    capsys.readouterr()
+    assert cli(args + ["--pretrained", str(ckpt), "--output-dir", str(run), "--max-iter", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "init 'random'" in err and "--accept-changes" in err
+    assert (run / "checkpoint.pth.tar").read_bytes() == before
+    # The same weights under the same name but another content: refused too.
+    torch.save({**torch.load(ckpt, weights_only=True), "epoch": 2}, ckpt)
+    assert cli(args + ["--pretrained", str(ckpt), "--max-iter", "4"]) == 2
+    assert "init_sha256" in capsys.readouterr().err

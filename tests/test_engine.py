@@ -5,7 +5,7 @@ import pytest
 import torch
 from selfsup.builder import BYOL, MoCo, SimCLR
 from selfsup.distributed import DistInfo
-from selfsup.engine import StepContext, train_one_epoch
+from selfsup.engine import StepContext, progress_line, train_one_epoch
 from test_builder import tiny_encoder
 
 # Every way a tensor's value reaches the host; on a GPU each one makes the host wait for it.
@@ -60,3 +60,15 @@ def test_a_step_reads_one_value_from_the_device(method, monkeypatch):
     # Steps 1..4 neither print nor end the epoch: the fused check (non-finite loss, stop request,
     # skipped files, summed over processes) is their one read. Step 0 also prints its meters.
     assert counts[1:-1] == [1] * (steps - 2), (counts, reads)
+
+
+def test_the_progress_line_reports_totals_and_the_time_left():
+    ctx = context("moco", steps=100)
+    ctx.epochs, ctx.global_batch = 3, 32
+    # 10 steps of 32 images in 4 s (1 s of it waiting for data), now at step 19 of epoch 1
+    line = progress_line(ctx, 1, 19, 6.5, 6.75, 0.03, steps_done=10, elapsed=4.0, data_time=1.0)
+    assert line.startswith("Epoch: [1][ 19/100]  loss 6.5000 (avg 6.7500)  lr 0.03")
+    assert "80.0 img/s" in line  # 320 images / 4 s, not a mean of per-step rates
+    assert "data 25%" in line
+    # 0.4 s a step: 80 steps left in the epoch (32 s), 80 + 100 in the run (72 s)
+    assert "eta 0:00:32 (run 0:01:12)" in line

@@ -330,3 +330,49 @@ def test_torchrun_two_processes_equal_one_process(data, moco_ckpt, tmp_path):
         tmp_path / "two" / "checkpoint.pth.tar", data / "val")
     assert a["val"]["val_n"] == b["val"]["val_n"] == 11
     assert pytest.approx(a["val"]["val_loss"], rel=1e-4) == b["val"]["val_loss"]
+
+
+@pytest.mark.parametrize("train_aug", ["none", "standard"])  # cached features, and the image path
+def test_unreadable_evaluation_images_are_left_out_counted_and_reported(data, tmp_path, capsys, train_aug):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    (root / "val" / "class0" / "c0_000.png").write_bytes(b"not an image")
+    png = (root / "train" / "class1" / "c1_000.png").read_bytes()
+    (root / "train" / "class1" / "c1_000.png").write_bytes(png[: len(png) // 2])  # truncated
+    ckpt, _ = pretrain_checkpoint(tmp_path / "ckpt.pth.tar")
+    out = tmp_path / "lin"
+    assert lincls(root, "--pretrained", ckpt, "--train-aug", train_aug, "--epochs", 1, "-b", 8, "--lr", 0.1,
+                  "--output-dir", out) == 0
+    logs = capsys.readouterr()
+    text = logs.out + logs.err
+    assert "unreadable image in the validation set" in text and "c0_000.png" in text
+    assert "1 unreadable image(s) left out of the validation set; 10 remain" in text
+    assert "Traceback" not in text
+    assert read_metrics(out)[-1]["val_n"] == 10  # 11 images, 1 unreadable: each readable one once
+    knn = load_script("main_knn")
+    assert knn.cli([str(root), "--pretrained", str(ckpt), "--k", "3", "-b", "8", "-j", "0",
+                    "--output-dir", str(tmp_path / "knn")]) == 0
+    text = "".join(capsys.readouterr())
+    assert "left out 1 unreadable image(s) of 24" in text  # the bank: the truncated training image
+    assert json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])["n"] == 10
+
+
+def test_each_method_gets_its_published_protocol_unless_flags_say_otherwise(data, tmp_path, capsys):
+    ckpt, _ = pretrain_checkpoint(tmp_path / "simclr.pth.tar", method="simclr")
+    out = tmp_path / "lin"
+    assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--epochs", "1", "-b", "8", "-j", "0",
+                            "--output-dir", str(out)]) == 0
+    args = torch.load(out / "checkpoint.pth.tar", weights_only=True)["args"]
+    # SimCLR's linear protocol: SGD with Nesterov momentum, lr 0.1 x B/256, cosine, no weight decay.
+    assert (args["optimizer"], args["nesterov"], args["cos"], args["wd"]) == ("sgd", True, True, 0.0)
+    assert args["lr"] == pytest.approx(0.1 * 8 / 256) and args["epochs"] == 1  # an explicit flag still wins
+    assert "simclr's protocol, from google-research/simclr" in capsys.readouterr().out
+    # With --lr, MoCo's (the script's defaults, as facebookresearch/moco's main_lincls.py).
+    assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--epochs", "1", "-b", "8", "-j", "0", "--lr", "5",
+                            "--output-dir", str(tmp_path / "lin2")]) == 0
+    args = torch.load(tmp_path / "lin2" / "checkpoint.pth.tar", weights_only=True)["args"]
+    assert (args["lr"], args["nesterov"], args["cos"], args["schedule"]) == (5.0, False, False, [60, 80])
+    assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--lr", "-1", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--lr must be > 0 (got -1.0)" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from selfsup.resume import without_stateless_extras
 import main_pretrain
 
 TINY = ["-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "1", "-j", "0", "--moco-dim", "16",
-        "-p", "100", "--seed", "1"]
+        "-p", "1", "--seed", "1"]
 METHOD_FLAGS = {"moco": ["--moco-k", "16", "--mlp"], "byol": ["--mlp-dim", "32"], "simclr": ["--mlp-dim", "32"]}
 
 
@@ -47,6 +47,13 @@ def test_one_process_trains_and_writes_a_moco_style_checkpoint(method, folder, t
     lines = (out / "metrics.jsonl").read_text().splitlines()
     record = json.loads(lines[-1])
     assert record["epoch"] == 0 and record["loss"] > 0 and record["images_per_s"] > 0
+    if method == "simclr":  # TensorBoard: one point per printed step besides one per epoch
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tb"))
+        events.Reload()
+        steps = [e.step for e in events.Scalars("pretrain_step/loss")]
+        assert steps == [1, 2] and "pretrain/loss" in events.Tags()["scalars"]  # 2 steps, -p 1 below
 
 
 @pytest.mark.e2e
@@ -143,7 +150,7 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     capsys.readouterr()
     assert pretrain(folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"], "--output-dir", out) == 2
     msg = capsys.readouterr().err
-    assert "another kind of run" in msg and "'byol'" in msg and "--output-dir" in msg
+    assert "belongs to another run" in msg and "'byol'" in msg and "--output-dir" in msg
     assert pretrain(folder, "--method", "byol", *TINY, "-a", "resnet34", "--output-dir", out) == 2
     assert "arch 'resnet18'" in capsys.readouterr().err
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost

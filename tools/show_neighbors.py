@@ -98,7 +98,7 @@ def folder_split(root: str | Path, split: str, transform: Callable) -> Split:
     samples, classes = find_samples(folder)
     if not classes:
         raise ValueError(f"'{folder}' holds images but no class folders; show_neighbors colours neighbours by class")
-    dataset = ImageDataset(samples, transform, classes, replace_unreadable=False)
+    dataset = ImageDataset(samples, transform, classes)
     return Split(str(folder), dataset, dataset.targets, list(classes),
                  lambda i: np.asarray(load_image(samples[i][0])), str(folder.resolve()))
 

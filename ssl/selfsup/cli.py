@@ -61,11 +61,47 @@ def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
     return {k: v for k, v in items if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def write_args(output_dir: str | os.PathLike, args: argparse.Namespace, dist: DistInfo) -> None:
-    """OUTPUT_DIR/args.json (every argument, paths as strings), by rank 0."""
+def write_json(path: str | os.PathLike, obj: Any, dist: DistInfo) -> None:
+    """`obj` as JSON at `path` (values that are not JSON as strings), by rank 0."""
     if dist.is_main:
-        with open(Path(output_dir) / "args.json", "w") as f:
-            json.dump(vars(args), f, indent=1, default=str)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+
+
+def write_args(output_dir: str | os.PathLike, args: argparse.Namespace, dist: DistInfo) -> None:
+    """OUTPUT_DIR/args.json: the command's every argument, by rank 0."""
+    write_json(Path(output_dir) / "args.json", vars(args), dist)
+
+
+def report(error: BaseException) -> int:
+    """Print a usage error found before any process group exists - once, not once per torchrun
+    worker (the others share it) - and return the exit status, 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def check_numbers(args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                  fractions: tuple[str, ...] = ()) -> None:
+    """A UsageError naming the flag for the first value out of its range: `positive` (> 0),
+    `non_negative` (>= 0), `fractions` (in [0, 1]). None (unset) passes."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            value = getattr(args, name, None)
+            values = value if isinstance(value, list) else [value]
+            if any(v is not None and not ok(v) for v in values):
+                raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {value})")
+
+
+def default_workers() -> int:
+    """Loader workers per process when -j is not given: the CPUs this process may use, shared by
+    the processes of this node (LOCAL_WORLD_SIZE), one left for the process itself; 1 to 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def default_output_dir(pretrained: str | os.PathLike, kind: str) -> Path:
@@ -134,8 +170,7 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     try:
         per_process_batch(args.batch_size, _spawned_world_size(args))  # before any process starts
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     nproc = _spawned_world_size(args) // max(args.world_size, 1)
     torch.multiprocessing.spawn(_worker, args=(main, args, nproc), nprocs=nproc)
     return 0

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .presets import to_rgb
+from .distributed import DistInfo, all_gather_objects
 from .rng import seeded
 from .stopping import ignore_stop_signals
 
@@ -88,10 +89,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     A truncated, corrupt or non-image file is skipped with a warning and replaced by the next
     readable sample, so batch shapes (and processes under DDP) stay in step. Each item is
-    `(transform(image), label, skipped)` where `skipped` counts the unreadable files this item
-    replaced; the training loop sums it into a per-epoch count. Evaluation sets pass
-    `replace_unreadable=False`: there a replacement would count one image twice, so an
-    unreadable file is an error naming it.
+    `(transform(image), label, skipped)` where `skipped` is 1 when the item's own file was
+    unreadable (the image is a replacement), else 0: summed over an epoch it counts each
+    unreadable file once. Training sums it into a per-epoch count; evaluation leaves such items
+    out (selfsup.knn.extract_features, selfsup.lincls.image_batches), so every readable image
+    counts exactly once.
     """
 
     def __init__(
@@ -100,13 +102,11 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable | None = None,
         classes: Sequence[str] = (),
         loader: Callable[[str], Image.Image] = load_image,
-        replace_unreadable: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.classes = list(classes)
         self.loader = loader
-        self.replace_unreadable = replace_unreadable
         self._warned: set[str] = set()
 
     @property
@@ -126,11 +126,6 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 img = self._read(path, seed)
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-                if not self.replace_unreadable:
-                    raise RuntimeError(
-                        f"cannot read image '{path}' ({type(e).__name__}: {e}); an evaluation counts every image "
-                        "exactly once, so remove or repair the file"
-                    ) from e
                 if path not in self._warned:
                     self._warned.add(path)
                     logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
@@ -141,7 +136,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 else:
                     with seeded(seed):
                         img = self.transform(img)
-            return img, label, skipped
+            return img, label, int(skipped > 0)  # this item's own file only: each file counts once
         raise RuntimeError(f"none of the {n} files of this dataset could be read as an image")
 
     def _read(self, path: str, seed: int | None):
@@ -175,15 +170,46 @@ def training_loader(
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
-def verify_images(samples: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:
-    """Decode every file; return (path, reason) for each one that cannot be read."""
-    bad = []
-    for path, _ in samples:
+class _Decode(torch.utils.data.Dataset):
+    """Why each file cannot be decoded, or None (for find_unreadable's loader)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str | None:
         try:
-            load_image(path)
+            load_image(self.paths[i])
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            bad.append((path, f"{type(e).__name__}: {e}"))
-    return bad
+            return f"{type(e).__name__}: {e}"
+        return None
+
+
+def find_unreadable(samples: Sequence[tuple[str, int]], dist: DistInfo | None = None,
+                    workers: int = 0) -> list[tuple[str, str]]:
+    """(path, reason) for every file of `samples` that cannot be decoded, on every process.
+
+    Each process decodes its block of the files (selfsup.sampler.shard_range), in `workers`
+    loader workers, and the findings are gathered (a collective when distributed): --verify-images
+    before pretraining, and the validation split before an evaluation starts."""
+    from .sampler import shard_range
+
+    dist = dist or DistInfo()
+    start, end = shard_range(len(samples), dist.world_size, dist.rank)
+    paths = [p for p, _ in samples[start:end]]
+    loader = torch.utils.data.DataLoader(_Decode(paths), batch_size=None, num_workers=workers,
+                                         worker_init_fn=ignore_stop_signals)
+    local = [(p, why) for p, why in zip(paths, loader) if why is not None]
+    return [bad for part in all_gather_objects(local) for bad in part]
+
+
+def without_files(dataset: "ImageDataset", paths: Sequence[str]) -> "ImageDataset":
+    """`dataset` without the samples whose file is in `paths` (same transform and classes)."""
+    drop = set(paths)
+    return ImageDataset([s for s in dataset.samples if s[0] not in drop], dataset.transform, dataset.classes,
+                        dataset.loader)
 
 
 # ----------------------------------------------------------------------------------------------

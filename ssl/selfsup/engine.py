@@ -14,18 +14,21 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
+from .cli import UsageError
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
 from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
 from .optim import learning_rate, set_lr
-from .resume import Checkpointer
+from .recipes import run_definition
+from .resume import Checkpointer, check_same_run, read_checkpoint, restore_run_state, run_state
 from .rng import preserved
 from .stopping import NonFiniteLossError, StopRequest, signal_name
 
@@ -56,6 +59,9 @@ class StepContext:
     global_batch: int
     dist: DistInfo
     stop: StopRequest = field(default_factory=StopRequest)
+    # Called on rank 0 at every printed step with that step's figures and the global step
+    # (MetricsWriter.scalars: TensorBoard curves finer than one point per epoch).
+    scalars: Callable[[dict, int], None] | None = None
 
 
 def _step_flags(loss: torch.Tensor, stop: bool, skipped: int) -> torch.Tensor:
@@ -160,9 +166,13 @@ def train_one_epoch(
             std_steps += 1
         steps_done += 1
         if ctx.dist.is_main and (step % ctx.print_freq == 0 or step + 1 == ctx.steps_per_epoch):
-            elapsed = time.perf_counter() - t_start
-            logger.info(_progress_line(ctx, epoch, step, loss.item(), loss_sum.item() / max(count, 1), lr,
-                                       steps_done, elapsed, data_time))
+            elapsed, value = time.perf_counter() - t_start, loss.item()
+            logger.info(progress_line(ctx, epoch, step, value, loss_sum.item() / max(count, 1), lr, steps_done,
+                                      elapsed, data_time))
+            if ctx.scalars is not None:
+                ctx.scalars({"loss": value, "lr": lr, "momentum": momentum,
+                             "images_per_s": steps_done * ctx.global_batch / max(elapsed, 1e-9)},
+                            epoch * ctx.steps_per_epoch + step + 1)
         if after_step is not None:  # loss_sum stays on the device: read only if a checkpoint is written
             after_step(step + 1, {"loss_sum": loss_sum, "count": count, "skipped": skipped_total})
         if stop:
@@ -186,9 +196,11 @@ def train_one_epoch(
     }
 
 
-def _progress_line(ctx: StepContext, epoch: int, step: int, loss: float, loss_avg: float, lr: float,
+def progress_line(ctx: StepContext, epoch: int, step: int, loss: float, loss_avg: float, lr: float,
                    steps_done: int, elapsed: float, data_time: float) -> str:
-    """`Epoch: [3][ 40/500]  loss 6.1234 (avg 6.4321)  lr 0.03  1234.5 img/s  data 2%  eta 0:05:12 (run 1:02:03)`.
+    """`Epoch: [3][ 40/500]  loss 6.1234 (avg 6.4321)  lr 0.03  1234.5 img/s  data 2%  eta 0:05:12 (run 1:02:03)`
+    after `steps_done` steps (this session) of step `step` in `elapsed` seconds, `data_time` of
+    them waiting for the loader.
 
     Throughput and ETA come from totals since the epoch (re)started: images over wall time,
     not a mean of per-step rates (which over-weights fast steps)."""
@@ -268,6 +280,53 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
         ctx.stop.uninstall()
     logger.info("Done: %d epochs. Latest checkpoint: %s", ctx.epochs, checkpointer.latest)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, args,
+                     dist: DistInfo, *, rng: list, epoch: int, step: int, steps_per_epoch: int,
+                     meters: dict | None) -> dict:
+    """Everything an exact continuation of a pretraining run needs, in plain types: the position
+    (`epoch` to continue with, `step`s of it done), the model, what defines the run, and the common
+    part (selfsup.resume.run_state). Keys of `state_dict` are those of the DDP-wrapped model
+    (`module.encoder_q.*`, `module.queue`, ...) whatever the world size, as facebookresearch/moco's
+    tools expect."""
+    return {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step, "arch": args.arch,
+            "method": args.method, "state_dict": {f"module.{k}": v for k, v in unwrap(model).state_dict().items()},
+            "run": run_definition(vars(args)), **run_state(optimizer, args, dist, rng, scaler),
+            "meters": {k: float(v) for k, v in (meters or {}).items()}}  # loss_sum may be on the device
+
+
+def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, args, dist: DistInfo,
+           steps_per_epoch: int) -> dict:
+    """Restore model (queue and target network included), optimizer, scaler, position and random
+    streams from --resume or OUTPUT_DIR/checkpoint.pth.tar, after checking that the checkpoint
+    belongs to this run (selfsup.resume.check_same_run). Returns where to continue:
+    {"epoch", "step", "meters"}. Raises UsageError / CheckpointError on a checkpoint that cannot."""
+    path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth.tar"
+    ckpt = read_checkpoint(path, bool(args.resume), dist)
+    if ckpt is None:
+        return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
+    saved = ckpt.get("args") or {}  # checkpoints before run definitions were recorded
+    saved = ckpt.get("run") or run_definition({**saved, "method": ckpt.get("method", saved.get("method", "moco")),
+                                               "arch": ckpt.get("arch", saved.get("arch"))})
+    check_same_run(saved, run_definition(vars(args)), path, args.accept_changes)
+    try:
+        unwrap(model).load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim?): "
+                         f"{str(e).splitlines()[0]} ...") from e
+    restore_run_state(ckpt, dist, optimizer, scaler)
+    start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
+    if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end
+        start = {"epoch": start["epoch"] + 1, "step": 0, "meters": None}
+    logger.info("resumed from %s: epoch %d, step %d (global step %d)", path, start["epoch"], start["step"],
+                ckpt.get("global_step", start["epoch"] * steps_per_epoch + start["step"]))
+    return start
 
 
 def _epoch_line(record: dict, embed_dim: int) -> str:

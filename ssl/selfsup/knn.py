@@ -111,7 +111,8 @@ def extract_features(
     Returns:
         features: N x D float32, not normalised; labels: N int64. Each sample is computed once
         by one process and the blocks are gathered, so every process gets the same tensors as a
-        single process would. Works without a process group (world size 1).
+        single process would. Works without a process group (world size 1). Items an
+        ImageDataset marks as replacements of unreadable files are left out (and counted).
     """
     _check_exact_loader(loader)
     device = torch.device(device)
@@ -119,11 +120,14 @@ def extract_features(
     backbone.eval()
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    replaced: list[torch.Tensor] = []
     try:
         for batch in loader:
             images, target = batch[0], batch[1]
             feats.append(backbone(images.to(device, non_blocking=True)).float().flatten(1))  # B x D
             labels.append(torch.as_tensor(target).to(device=device, dtype=torch.long))
+            # ImageDataset's third value: 1 where the item's own file was unreadable
+            replaced.append(torch.as_tensor(batch[2] if len(batch) > 2 else torch.zeros(len(target))).to(device).bool())
     finally:
         backbone.train(was_training)
     # A process with an empty block still has to take part in the gathers with the right width.
@@ -133,11 +137,17 @@ def extract_features(
         raise ValueError("extract_features: the dataset has no samples")
     local = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    local_replaced = torch.cat(replaced) if replaced else torch.zeros(0, dtype=torch.bool, device=device)
     features, all_labels = gather_rows(local), gather_rows(local_labels)
+    all_replaced = gather_rows(local_replaced.to(torch.uint8)).bool()
     if features.shape[0] != len(loader.dataset):
         raise RuntimeError(
             f"extract_features gathered {features.shape[0]} rows for a dataset of {len(loader.dataset)} samples"
         )
+    if all_replaced.any():  # unreadable files: left out, so that every readable image counts once
+        if get_rank() == 0:
+            logger.warning("left out %d unreadable image(s) of %d", int(all_replaced.sum()), len(all_replaced))
+        return features[~all_replaced], all_labels[~all_replaced]
     return features, all_labels
 
 
@@ -213,6 +223,9 @@ def knn_evaluate(
     of one process. Returns {k: {"top1", "top5" (percent), "correct1", "correct5", "n"}}.
     """
     m = test_features.shape[0]
+    if max(ks) > train_features.shape[0] and get_rank() == 0:
+        logger.warning("k=%d is more than the %d images of the bank: every bank image votes for every query, so the "
+                       "kNN measures little; use a smaller k (--k, --knn-k)", max(ks), train_features.shape[0])
     start, end = shard_range(m, get_world_size(), get_rank())
     results = {}
     for k in ks:

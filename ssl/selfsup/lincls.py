@@ -113,10 +113,13 @@ def row_batches(
         yield features[s : min(s + batch_size, end)], labels[s : min(s + batch_size, end)]
 
 
-def image_batches(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) of a loader over ImageDataset, on `device`."""
-    for batch in loader:
-        yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+def image_batches(loader, device: torch.device, readable_only: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of a loader over ImageDataset, on `device`; with `readable_only` (an
+    evaluation) without the items that replace unreadable files, so each image counts once."""
+    for images, labels, replaced in loader:
+        if readable_only and replaced.any():
+            images, labels = images[replaced == 0], labels[replaced == 0]
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,12 +271,13 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
         # The global batches of the image path (same permutation, see ResumableDistributedSampler),
         # all on this process; the head is tiny, so rather than splitting them and averaging
         # gradients, every process computes them all, identically.
-        replica_sampler = ResumableDistributedSampler(len(train_ds), global_batch, 1, 0, seed=seed)
+        # (Over the readable images: extraction leaves unreadable files out.)
+        replica_sampler = ResumableDistributedSampler(len(train_feats), global_batch, 1, 0, seed=seed)
     else:
         train_loader = training_loader(train_ds, sampler, batch_size=local_batch, workers=workers, seed=seed,
                                        pin_memory=device.type == "cuda", drop_last=True)
         fc = wrap_ddp(probe.fc, dist)  # only the classifier has gradients to average
-    steps = sampler.steps_per_epoch
+    steps = (replica_sampler if cached else sampler).steps_per_epoch
     t_start = last_save = time.perf_counter()
     best_state = None  # the best epoch's checkpoint, until written
     val: dict = {}
@@ -290,7 +294,7 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
             else:
                 batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
                 stats = train_linear_epoch(fc, batches, optimizer, lr_at, epoch, steps, device, print_freq)
-                val = validate(probe, image_batches(val_loader, device), device)
+                val = validate(probe, image_batches(val_loader, device, readable_only=True), device)
             is_best = val["val_acc1"] > best_acc1
             best_acc1 = max(best_acc1, val["val_acc1"])
             if dist.is_main:

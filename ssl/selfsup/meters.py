@@ -107,6 +107,13 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{prefix}{k}", v, step)
             self.tb.flush()
 
+    def scalars(self, values: Mapping[str, Any], step: int, prefix: str = "") -> None:
+        """TensorBoard only (not metrics.jsonl): the per-step curves."""
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}{k}", v, step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -25,7 +25,8 @@ from .checkpoint import (
     load_backbone,
     load_checkpoint,
 )
-from .data import ImageDataset, find_samples
+from .data import ImageDataset, find_samples, find_unreadable, without_files
+from .distributed import DistInfo
 from .networks import ARCHS, backbone_constructor
 from .presets import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 
@@ -215,5 +216,19 @@ def linear_eval_datasets(
             "in the sorted class list, so both splits need the same class folders, each with at least one image."
         )
     train = ImageDataset(train_samples, train_tf, train_classes)
-    val = ImageDataset(val_samples, val_tf, val_classes, replace_unreadable=False)
+    val = ImageDataset(val_samples, val_tf, val_classes)
     return train, val, list(train_classes)
+
+
+def readable(dataset: ImageDataset, name: str, dist: DistInfo, workers: int = 0) -> ImageDataset:
+    """`dataset` without its unreadable files, found before the evaluation starts by decoding every
+    file (the processes share the work) and reported by rank 0: the evaluation then counts every
+    readable image exactly once instead of failing - or replacing - at the first bad file."""
+    bad = find_unreadable(dataset.samples, dist, workers)
+    if not bad:
+        return dataset
+    if dist.is_main:
+        for path, why in bad[:10]:
+            logger.warning("unreadable image in %s: %s (%s)", name, path, why)
+        logger.warning("%d unreadable image(s) left out of %s; %d remain", len(bad), name, len(dataset) - len(bad))
+    return without_files(dataset, [path for path, _ in bad])

@@ -8,6 +8,7 @@ demo recipe) < flags on the command line.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
@@ -26,7 +27,6 @@ COMMON: dict[str, Any] = {
     "cos": False,
     "image_size": 224,
     "small_stem": False,
-    "workers": 8,
     "bn_splits": 1,
     "knn_every": 0,
 }
@@ -107,6 +107,64 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     if "lr" not in explicit and "lr_per_256" in recipe:
         cfg["lr"] = recipe["lr_per_256"] * cfg["batch_size"] / 256
     return cfg
+
+
+# Linear evaluation: each method's published protocol on ImageNet (docs/EVALUATION.md gives the
+# sources and the reasoning). main_lincls.py takes the checkpoint's method's when neither --lr
+# nor --optimizer is given; any flag given still wins. `lr_per_256` scales with --batch-size.
+LINEAR: dict[str, dict[str, Any]] = {
+    "moco": {"optimizer": "sgd", "lr": 30.0, "nesterov": False, "wd": 0.0, "cos": False, "schedule": [60, 80],
+             "epochs": 100, "source": "facebookresearch/moco's main_lincls.py (He et al. 2020, Sec. 4.1)"},
+    "simclr": {"optimizer": "sgd", "lr_per_256": 0.1, "nesterov": True, "wd": 0.0, "cos": True, "schedule": [],
+               "epochs": 90, "source": "google-research/simclr's linear evaluation (Chen et al. 2020, appendix)"},
+    "byol": {"optimizer": "sgd", "lr_per_256": 0.2, "nesterov": True, "wd": 0.0, "cos": True, "schedule": [],
+             "epochs": 80, "source": "deepmind-research's byol/configs/eval.py (Grill et al. 2020, Appendix C)"},
+}
+
+
+def linear_protocol(args: argparse.Namespace, method: str | None) -> str:
+    """Fill main_lincls.py's unset optimisation flags in place with a protocol of LINEAR: the
+    checkpoint's `method`'s when neither --lr nor --optimizer was given, else MoCo's (the script's
+    defaults, as facebookresearch/moco's). Returns a line saying which, for the log."""
+    name = method if method in LINEAR and args.lr is None and args.optimizer is None else "moco"
+    protocol = LINEAR[name]
+    for key in ("optimizer", "nesterov", "wd", "cos", "schedule", "epochs"):
+        if getattr(args, key) is None:
+            setattr(args, key, protocol[key])
+    if args.lr is None:
+        args.lr = protocol.get("lr") or protocol["lr_per_256"] * args.batch_size / 256
+    how = (f"{args.optimizer}{' nesterov' if args.nesterov else ''}, lr {args.lr:g}, "
+           + ("cosine" if args.cos else f"x0.1 at {args.schedule}") + f", wd {args.wd:g}, {args.epochs} epochs")
+    why = (f"{name}'s protocol, from {protocol['source']}" if name == method
+           else "MoCo's protocol (--lr or --optimizer given, or no method recorded)")
+    return f"linear evaluation: {how} - {why}; flags override it (docs/EVALUATION.md)"
+
+
+# What defines a pretraining run: the data and every hyperparameter that changes the weights it
+# trains. A run folder records them (run.json and every checkpoint); resuming with other values
+# is refused unless asked for (--accept-changes). --epochs is not among them: extending a run is
+# allowed. Nor are what only changes speed or reporting (workers, devices, print and save rates).
+RUN_DEFINING = ("data", "method", "arch", "small_stem", "image_size", "aug", "batch_size", "lr", "optimizer",
+                "momentum", "wd", "cos", "schedule", "warmup_epochs", "moco_dim", "moco_k", "moco_m", "moco_t",
+                "moco_m_cos", "mlp", "mlp_dim", "bn_splits", "shuffle_bn", "sync_bn", "amp", "seed")
+
+
+def run_definition(args: dict[str, Any]) -> dict[str, Any]:
+    """The values of RUN_DEFINING in `args` (a pretraining command's, or the plain args an older
+    checkpoint saved), the data as an absolute path ('demo' for the embedded demo)."""
+    out = {k: args.get(k) for k in RUN_DEFINING}
+    if args.get("demo"):
+        out["data"] = "demo"
+    elif out["data"] is not None:
+        out["data"] = str(Path(out["data"]).resolve())
+    return out
+
+
+def default_output_dir(method: str, arch: str, data: str | None) -> str:
+    """runs/<method>-<arch>-<name of the data folder> ('demo' for the embedded demo), so that
+    another dataset gets another folder instead of resuming the first one's run."""
+    name = "demo" if data is None else Path(data).resolve().name
+    return str(Path("runs") / f"{method}-{arch}-{name}")
 
 
 def fill_unset(args: argparse.Namespace, recipe: dict[str, Any]) -> argparse.Namespace:

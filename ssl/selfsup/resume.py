@@ -12,8 +12,9 @@ same way. Each checkpoint holds the script's model and position, and this common
     args                   the command line, as plain values
 
 `read_checkpoint` reads a file once, on rank 0, for every process; `restore_run_state` puts the
-common part back; `differences` lists what makes a checkpoint belong to another run; and a
-`Checkpointer` writes a run's checkpoints (rank 0, atomically, with every process's RNG).
+common part back; `check_same_run` refuses a checkpoint of another run (`differences` lists
+what differs); and a `Checkpointer` writes a run's checkpoints (rank 0, atomically, with every
+process's RNG).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .cli import plain_args
+from .cli import UsageError, plain_args
 from .distributed import DistInfo, broadcast_object
 from .rng import gather_rng_states, restore_rng_state
 
@@ -93,6 +94,35 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iter
         if theirs is not None and mine is not None and theirs != mine:
             out.append(f"{key} {theirs!r} (this command: {mine!r})")
     return out
+
+
+def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, accept: bool) -> list[str]:
+    """Refuse to continue the run in `path` with another definition (what defines a run: data,
+    method, hyperparameters); returns the changes when `accept` lets them through.
+
+    A second dataset or a changed learning rate given to the same output folder would otherwise
+    silently resume - or finish - the first run. The message lists the differences and the ways
+    out: another folder, or continuing on purpose."""
+    changes = differences(saved, current, current.keys())
+    if changes and not accept:
+        raise UsageError(
+            f"'{path}' belongs to another run: {'; '.join(changes)}. To start a new run, give it its own folder "
+            "(--output-dir DIR, or --no-resume for a new folder next to this one); to continue that run with the "
+            "new values, pass --accept-changes.")
+    if changes:
+        logger.warning("continuing the run of %s with changes (--accept-changes): %s", path, "; ".join(changes))
+    return changes
+
+
+def fresh_folder(folder: str | Path) -> Path:
+    """`folder` if it holds no checkpoint yet, else the first of folder-2, folder-3, ... that holds
+    none: where --no-resume starts afresh without overwriting anything."""
+    folder = Path(folder)
+    candidate, n = folder, 1
+    while (candidate / "checkpoint.pth.tar").exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
 
 
 def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:

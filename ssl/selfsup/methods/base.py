@@ -51,6 +51,10 @@ class Method(nn.Module):
         0..1); None for a method without a momentum network."""
         return None
 
+    def data_warnings(self, num_images: int) -> list[str]:
+        """What is wrong with training this model on `num_images` images (a warning each)."""
+        return []
+
     @classmethod
     def options(cls, flags: Mapping[str, Any]) -> dict[str, Any]:
         """This method's constructor keywords from main_pretrain.py's flags (unset flags left out)."""

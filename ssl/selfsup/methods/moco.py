@@ -25,6 +25,11 @@ def _forget_host_queue_ptr(module: nn.Module, incompatible_keys) -> None:
     module._ptr = None
 
 
+def _fitting_queue(num_images: int) -> int:
+    """A queue well below the dataset size: the largest power of two at most a third of it."""
+    return 1 << max(0, (num_images // 3).bit_length() - 1)
+
+
 class MoCo(MomentumMethod):
     """Momentum Contrast: a query encoder, a momentum key encoder and a queue of negative keys.
 
@@ -104,6 +109,14 @@ class MoCo(MomentumMethod):
 
         convert_split_batchnorm(self.encoder_q, bn_splits)
         convert_split_batchnorm(self.encoder_k, bn_splits)
+
+    def data_warnings(self, num_images: int) -> list[str]:
+        if self.K < num_images:
+            return []
+        mib = self.queue.numel() * self.queue.element_size() / 2**20
+        return [f"the MoCo queue holds {self.K} keys but the data has {num_images} images: each image's own older "
+                f"keys sit in the queue as negatives, which contradicts the contrastive task (and the queue adds "
+                f"{mib:.0f} MiB to every checkpoint); use --moco-k below {num_images}, e.g. {_fitting_queue(num_images)}"]
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
