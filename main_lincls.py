@@ -29,9 +29,8 @@ import torch
 
 from selfsup.checkpoint import check_writable, load_checkpoint
 from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers,
-                         default_output_dir, default_workers, launch, per_process_batch, write_args)
+                         default_output_dir, launch, per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
-from selfsup.recipes import linear_protocol
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
@@ -40,6 +39,7 @@ from selfsup.networks import ARCHS
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
                            load_pretrained, readable, train_transform)
+from selfsup.recipes import linear_protocol
 from selfsup.resume import restore_run_state
 from selfsup.sampler import ResumableDistributedSampler
 
@@ -66,6 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on cached features (the demo's default)")
     g.add_argument("--no-feature-cache", action="store_true",
                    help="with --train-aug none, still run the backbone on the images every step")
+    g.add_argument("--feature-bn", action="store_true",
+                   help="standardise the features before the classifier (BatchNorm without affine, MAE's linear probe)")
     g.add_argument("--save-features", action="store_true",
                    help="also keep the cached features in OUTPUT_DIR (features_train.pth, features_val.pth) for reruns")
     g = p.add_argument_group("optimisation (default: the checkpoint's method's protocol, docs/EVALUATION.md)")
@@ -103,7 +105,6 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         out.data = str(DEMO_ROOT)
     # The demo trains on cached features: the whole MoCo schedule (100 epochs) in seconds.
     out.train_aug = args.train_aug or ("none" if out.demo else "standard")
-    out.workers = args.workers if args.workers is not None else default_workers()
     if out.output_dir is None:
         if out.pretrained:
             out.output_dir = str(default_output_dir(out.pretrained, "lincls"))
@@ -132,6 +133,10 @@ class Setup:
     resumed_from: Path | None
 
 
+# The optimisation flags a method's linear protocol fills (selfsup.recipes.LINEAR).
+PROTOCOL_FLAGS = ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epochs")
+
+
 def classifier_checkpoint_path(args: argparse.Namespace) -> Path | None:
     """The classifier checkpoint to resume (training) or to evaluate (-e), if any."""
     if args.resume:
@@ -146,13 +151,17 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
     if dist_info.is_main:
         check_writable(args.output_dir)
     pretrained = load_pretrained(args.pretrained, args.arch) if args.pretrained else None
-    args.protocol = linear_protocol(args, pretrained.method if pretrained else None)
-    check_numbers(args, positive=("epochs", "batch_size", "lr", "image_size"),
-                  non_negative=("workers", "wd", "momentum", "schedule", "print_freq"))
     path = classifier_checkpoint_path(args)
     if args.evaluate and path is None:
         raise UsageError(f"--evaluate needs a trained classifier: none in {args.output_dir}; pass --resume PATH")
     ckpt = load_checkpoint(path) if path is not None else None
+    if ckpt is not None and not args.evaluate:  # a resumed run keeps its schedule unless a flag changes it
+        for key in PROTOCOL_FLAGS:
+            if getattr(args, key) is None and (ckpt.get("args") or {}).get(key) is not None:
+                setattr(args, key, ckpt["args"][key])
+    args.protocol = linear_protocol(args, pretrained.method if pretrained else None)
+    check_numbers(args, positive=("epochs", "batch_size", "lr", "image_size"),
+                  non_negative=("workers", "wd", "momentum", "schedule", "print_freq"))
     # The backbone's description: the pretrained checkpoint's, else the classifier's (-e --resume
     # alone), else the flags (a randomly initialised baseline).
     described = (vars(pretrained) if pretrained else None) or ckpt or {}
@@ -167,7 +176,8 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
     sampler = None if args.evaluate else ResumableDistributedSampler(
         len(train_ds), local_batch, dist_info.world_size, dist_info.rank, seed=args.seed)  # checks the batch fits
     torch.manual_seed(args.seed)
-    probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None)
+    feature_bn = args.feature_bn or bool((ckpt or {}).get("feature_bn"))
+    probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None, feature_bn)
     probe.to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, probe.fc.parameters(), args.lr, args.momentum, args.wd, args.nesterov)
     setup = Setup(probe, pretrained, train_ds, val_ds, classes, optimizer, sampler, local_batch, arch, small_stem,
@@ -207,6 +217,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     try:
         if args.evaluate:
             val_loader = make_eval_loader(setup.val_ds, setup.local_batch, args.workers, device.type == "cuda")
+            probe.eval()  # the feature standardisation, if any, with its saved statistics
             val = validate(probe, image_batches(val_loader, device, readable_only=True), device)
             logger.info(" * Acc@1 %.3f Acc@5 %.3f (%d images, loss %.4f)", val["val_acc1"], val["val_acc5"],
                         val["val_n"], val["val_loss"])

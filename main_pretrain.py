@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 
 from selfsup import recipes
-from selfsup.recipes import run_definition
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers, default_workers,
-                         launch, per_process_batch, report, write_args, write_json)
-from selfsup.data import DEMO_ROOT, find_samples, find_unreadable, resolve_split_dir
-from selfsup.distributed import DistInfo, add_device_args, broadcast_object, run_in_process_group, wrap_ddp
+from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers, launch,
+                         per_process_batch, report, write_args, write_json)
+from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
+from selfsup.distributed import DistInfo, add_device_args, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
@@ -39,7 +38,8 @@ from selfsup.networks import ARCHS, compile_networks
 from selfsup.optim import build_optimizer
 from selfsup.pipeline import BACKENDS, build_pretrain_pipeline
 from selfsup.presets import PRESETS as AUG_PRESETS
-from selfsup.resume import Checkpointer, fresh_folder
+from selfsup.recipes import run_definition
+from selfsup.resume import Checkpointer, claim_fresh_folder
 from selfsup.stopping import StopRequest
 
 logger = logging.getLogger("main_pretrain")
@@ -53,8 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """
     p = argparse.ArgumentParser("Self-supervised pretraining", add_help=False)
     p.add_argument("data", nargs="?", default=None,
-                   help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images); "
-                        "omit it to train on the embedded Fashion-MNIST demo")
+                   help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images), or "
+                        "Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
     p.add_argument("--method", choices=list(METHODS), default=None, help="moco (default), byol or simclr")
     p.add_argument("--preset", choices=list(recipes.PRESETS), default=None,
                    help="a paper's ImageNet recipe in one word (see README); explicit flags override it")
@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn-splits", default=None, type=int,
                    help="emulate shuffle BN on one process over this many sub-batches (default: 1 = off)")
     g.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false", help="MoCo without shuffle BN")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
+    g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
+                   help="BatchNorm over the global batch (SyncBatchNorm; CUDA + NCCL; the byol and simclr presets)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", default=None, type=int, help="total epochs (default: 200)")
     g.add_argument("-b", "--batch-size", default=None, type=int,
@@ -88,6 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
                    help="initial learning rate (default: 0.03; BYOL/SimCLR presets scale it with the batch)")
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (default) or lars")
+    g.add_argument("--classic-momentum", default=None, action=argparse.BooleanOptionalAction,
+                   help="LARS with the lr inside the momentum, as SimCLR's code (default for SimCLR; see optim.LARS)")
+    g.add_argument("--lars-eta", default=None, type=float,
+                   help="LARS's trust coefficient (default 0.001, the papers'; the small-image presets: 0.02)")
     g.add_argument("--momentum", default=None, type=float, help="optimizer momentum (default: 0.9)")
     g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help="weight decay (default: 1e-4)")
     g.add_argument("--cos", default=None, action=argparse.BooleanOptionalAction, help="cosine lr schedule")
@@ -119,6 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="labelled root with train/ and val/ class folders for --knn-every (default: the data root)")
     g.add_argument("--knn-k", default=200, type=int, help="neighbours of the online kNN (default: 200)")
     g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the online kNN (default: 0.07)")
+    g.add_argument("--knn-subset", default=None, type=int,
+                   help="online kNN on at most N bank images and N/5 queries (a fixed random subset)")
     g = p.add_argument_group("performance")
     g.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision (default: none)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
@@ -137,7 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Flags whose value falls back to a recipe when not given (argparse default None).
 _CONFIG_KEYS = ("arch", "workers", "knn_every", "epochs", "batch_size", "lr", "schedule", "momentum", "wd", "moco_dim",
                 "moco_k", "moco_m", "moco_t", "mlp", "cos", "mlp_dim", "moco_m_cos", "aug", "bn_splits",
-                "optimizer", "warmup_epochs", "image_size", "small_stem")
+                "optimizer", "warmup_epochs", "image_size", "small_stem", "sync_bn", "classic_momentum", "lars_eta")
 
 
 def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
@@ -154,11 +161,10 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(str(e)) from e
     out = argparse.Namespace(**{**vars(args), **cfg})
     out.demo = demo
-    out.workers = default_workers() if out.workers is None else out.workers
     out.output_dir = out.output_dir or recipes.default_output_dir(out.method, out.arch, out.data)
     out.data = str(DEMO_ROOT) if demo else out.data
     check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
-                                 "bn_splits", "print_freq", "save_freq", "knn_k", "knn_t"),
+                                 "bn_splits", "print_freq", "save_freq", "knn_k", "knn_t", "knn_subset", "lars_eta"),
                   non_negative=("workers", "wd", "momentum", "warmup_epochs", "save_every_steps", "knn_every",
                                 "start_epoch", "schedule"), fractions=("moco_m",))
     return out
@@ -167,15 +173,20 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
 def build(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs and build data, model and optimizer. Raises one of INPUT_ERRORS on bad input."""
     local_batch = per_process_batch(args.batch_size, dist_info.world_size)
-    if args.sync_bn and (dist_info.device.type != "cuda" or dist_info.backend == "gloo"):
-        raise UsageError("--sync-bn needs CUDA devices and NCCL (SyncBatchNorm has no CPU kernel); use --bn-splits on "
-                         "a CPU or with --dist-backend gloo")
+    # SyncBatchNorm needs a process group, and in one process is BatchNorm: without a group the
+    # run trains, and records, plain BN (a byol/simclr preset on a laptop).
+    args.sync_bn = bool(args.sync_bn and dist_info.distributed)
+    if args.sync_bn and dist_info.world_size > 1 and (dist_info.device.type != "cuda" or dist_info.backend == "gloo"):
+        raise UsageError("--sync-bn (the byol and simclr presets' cross-replica BatchNorm) needs CUDA devices and NCCL; "
+                         "with gloo processes add --no-sync-bn (per-process BatchNorm), or train in one process, "
+                         "whose BatchNorm already sees the whole batch")
     if dist_info.is_main:
         check_writable(args.output_dir)
-    data_dir = resolve_split_dir(args.data, "train")
+    data_dir = args.data if fashion_mnist_root(args.data) else resolve_split_dir(args.data, "train")
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
+    args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.recipes.run_definition)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -194,21 +205,22 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
         else:
             logger.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
     optimizer = build_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr,
-                                args.momentum, args.wd)
+                                args.momentum, args.wd, classic_momentum=args.classic_momentum,
+                                trust_coefficient=args.lars_eta)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     monitor = None
     if args.knn_every > 0:
         monitor = folder_monitor(args.knn_data or args.data, args.image_size, local_batch, dist_info.device,
-                                 min(args.workers, 4), args.knn_k, args.knn_t)
+                                 min(args.workers, 4), args.knn_k, args.knn_t, subset=args.knn_subset)
     return model, optimizer, scaler, pipeline, monitor
 
 
 def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
-    if args.no_resume:  # one decision for every process, before rank 0 creates the folder
-        args.output_dir = str(broadcast_object(fresh_folder(args.output_dir)))
     built = error = None
     try:
+        if args.no_resume:  # one folder for every process, claimed by rank 0
+            args.output_dir = str(claim_fresh_folder(args.output_dir, dist_info))
         built = build(args, dist_info)
     except INPUT_ERRORS as e:
         error = e
@@ -217,8 +229,8 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     model, optimizer, scaler, pipeline, monitor = built
     output_dir = Path(args.output_dir)
     setup_logging(dist_info.rank, output_dir)
-    if args.verify_images:  # every process decodes its share of the files
-        data_dir = resolve_split_dir(args.data, "train")
+    if args.verify_images and not fashion_mnist_root(args.data):  # every process decodes its share of the files
+        data_dir = args.data if fashion_mnist_root(args.data) else resolve_split_dir(args.data, "train")
         bad = find_unreadable(find_samples(data_dir)[0], dist_info, args.workers)
         for path, reason in bad:
             logger.warning("unreadable image: %s (%s)", path, reason)
@@ -273,7 +285,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args = resolve_config(args)
-    except UsageError as e:
+    except INPUT_ERRORS as e:  # e.g. `fashion-mnist` named without its files installed
         return report(e)
     return launch(main, args)
 

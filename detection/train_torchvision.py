@@ -30,24 +30,22 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from selfsup import recipes  # noqa: E402
-from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, per_process_batch, plain_args, write_args  # noqa: E402
-from selfsup.data import training_loader  # noqa: E402
-from selfsup.distributed import (DistInfo, add_device_args, barrier, broadcast_object, run_in_process_group,  # noqa: E402
-                                 wrap_ddp)
-from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
-from selfsup.networks import ARCHS, unwrap  # noqa: E402
-from selfsup.optim import build_optimizer  # noqa: E402
-from selfsup.resume import (Checkpointer, check_same_run, differences, fresh_folder, restore_run_state,  # noqa: E402
-                            run_state)
-from selfsup.sampler import ResumableDistributedSampler  # noqa: E402
-from selfsup.stopping import NonFiniteLossError  # noqa: E402
 
 from detection import datasets as det_data  # noqa: E402
 from detection.engine import Schedule, batch_stream, precise_bn, train_iterations  # noqa: E402
 from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
+from selfsup import recipes  # noqa: E402
+from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
+from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, per_process_batch, plain_args, report, write_args  # noqa: E402
+from selfsup.data import training_loader  # noqa: E402
+from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group, wrap_ddp  # noqa: E402
+from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
+from selfsup.networks import ARCHS, unwrap  # noqa: E402
+from selfsup.optim import build_optimizer  # noqa: E402
+from selfsup.resume import Checkpointer, check_same_run, claim_fresh_folder, differences, restore_run_state, run_state  # noqa: E402
+from selfsup.sampler import ResumableDistributedSampler  # noqa: E402
+from selfsup.stopping import NonFiniteLossError  # noqa: E402
 
 logger = logging.getLogger("train_torchvision")
 
@@ -125,15 +123,16 @@ RUN_DEFINING = ("recipe", "arch", "head", "norm", "small_stem", "freeze_at", "tr
 
 
 def run_definition(args: argparse.Namespace) -> dict:
-    """RUN_DEFINING's values, and the starting weights: 'random', 'supervised', or the checkpoint's
-    absolute path and the SHA-256 of its content (a file replaced under the same name differs)."""
+    """RUN_DEFINING's values, and the starting weights: 'random', 'supervised', or the SHA-256 of the
+    checkpoint's content - what the file is, not where it lies (a copy elsewhere is the same start,
+    a file replaced under the same name is not)."""
     out = {k: getattr(args, k, None) for k in RUN_DEFINING}
     if args.pretrained:
         digest = hashlib.sha256()
         with open(args.pretrained, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        out.update(init=str(Path(args.pretrained).resolve()), init_sha256=digest.hexdigest())
+        out["init"] = f"sha256:{digest.hexdigest()}"
     elif args.supervised or args.random_init:
         out["init"] = "supervised" if args.supervised else "random"
     return out
@@ -141,6 +140,8 @@ def run_definition(args: argparse.Namespace) -> dict:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the recipe (selfsup.recipes.DETECTION)."""
+    if args.no_resume and args.resume:
+        raise UsageError("--no-resume starts afresh, --resume continues a checkpoint: give one of them")
     out = recipes.fill_unset(args, recipes.DETECTION[args.recipe])
     if out.output_dir is None:
         out.output_dir = str(Path("runs") / f"det-{args.recipe}-{out.head}-{backbone_name(args)}")
@@ -203,7 +204,10 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
     torch.manual_seed(args.seed)  # the same new layers on every process (DDP also broadcasts them)
     definition = run_definition(args) if args.pretrained is None or Path(args.pretrained).is_file() else {}
     if resume is not None and not args.eval_only and "run" in resume:  # checkpoints before run records: below
-        check_same_run(resume["run"], definition, ckpt_path, args.accept_changes)
+        saved_run = dict(resume["run"])
+        if "init_sha256" in saved_run:  # recorded as path + digest before: compare the digest only
+            saved_run["init"] = f"sha256:{saved_run.pop('init_sha256')}"
+        check_same_run(saved_run, definition, ckpt_path, args.accept_changes, explicit=bool(args.resume))
     if resume is not None:
         saved = resume.get("detector", {})
         # SyncBN and BN hold the same state and agree at test time: evaluating a SyncBN run in
@@ -252,10 +256,10 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo):
 
 def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
-    if args.no_resume:  # one decision for every process, before rank 0 creates the folder
-        args.output_dir = str(broadcast_object(fresh_folder(args.output_dir)))
     prepared = error = None
     try:
+        if args.no_resume:  # one folder for every process, claimed by rank 0
+            args.output_dir = str(claim_fresh_folder(args.output_dir, dist_info))
         prepared = prepare(args, dist_info)
     except INPUT_ERRORS as e:
         error = e
@@ -350,7 +354,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("train_torchvision.py", parents=[get_args_parser()], description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    return main(resolve_args(parser.parse_args(argv)))
+    try:
+        args = resolve_args(parser.parse_args(argv))
+    except UsageError as e:
+        return report(e)
+    return main(args)
 
 
 if __name__ == "__main__":

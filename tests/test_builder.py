@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from selfsup.builder import BYOL, MoCo, SimCLR, build_model
 from selfsup.networks import ARCHS, SplitBatchNorm, backbone_constructor
 
@@ -206,7 +207,7 @@ def test_byol_loss_is_symmetric_and_matches_the_formula():
 # ---------------------------------------------------------------------------------------------- SimCLR
 
 
-def test_simclr_loss_is_nt_xent_of_the_projections():
+def test_simclr_loss_is_twice_nt_xent_of_the_projections():
     from test_losses import naive_nt_xent
 
     torch.manual_seed(0)
@@ -215,7 +216,8 @@ def test_simclr_loss_is_nt_xent_of_the_projections():
     loss = model(x1, x2)
     with torch.no_grad():
         z = model.encoder_q(torch.cat([x1, x2]))  # both views in one batch, as SimCLR
-    torch.testing.assert_close(loss.detach(), naive_nt_xent(z[:4], z[4:], 0.5))
+    # google-research/simclr's loss_a + loss_b: twice the mean over the 2N anchors
+    torch.testing.assert_close(loss.detach(), 2 * naive_nt_xent(z[:4], z[4:], 0.5))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 

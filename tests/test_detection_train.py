@@ -124,4 +124,4 @@ def test_rerun_with_another_backbone_is_refused_not_resumed(shapes, tmp_path, ca
     # The same weights under the same name but another content: refused too.
     torch.save({**torch.load(ckpt, weights_only=True), "epoch": 2}, ckpt)
     assert cli(args + ["--pretrained", str(ckpt), "--max-iter", "4"]) == 2
-    assert "init_sha256" in capsys.readouterr().err
+    assert "init 'sha256:" in capsys.readouterr().err  # the file changed under the same name

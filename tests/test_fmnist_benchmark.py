@@ -1,80 +1,71 @@
-"""The Fashion-MNIST benchmark end to end on a few hundred generated images (not a quality claim)."""
+"""Fashion-MNIST as the scripts' data, and the benchmark that runs them, on generated idx files
+(a few hundred images: the plumbing, not a quality claim)."""
 
 import json
-import sys
 
-import numpy as np
 import pytest
 import torch
-from helpers import write_idx
-from selfsup.checkpoint import extract_backbone, load_backbone, load_checkpoint
+from helpers import fake_fashion_mnist, run_script
+
+import main_knn
+import main_lincls
+import main_pretrain
+from selfsup import recipes
+from selfsup.data import FASHION_MNIST_CLASSES
 
 
-def _fake_fashion_mnist(root, n_train=160, n_test=60, seed=0):
-    """10 classes of 28 x 28 images that differ by where a bright bar lies, with noise."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 3 : 2 * c + 7, 4:24] = 230
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fm") / "idx")
 
 
-@pytest.fixture
-def benchmark(repo):
-    sys.path.insert(0, str(repo / "tools"))
-    import fmnist_benchmark
+TINY = ["-a", "resnet18", "--image-size", "16", "-b", "32", "-j", "0", "--mlp-dim", "32", "--moco-dim", "16",
+        "-p", "100"]
 
-    return fmnist_benchmark
+
+def test_the_scripts_take_fashion_mnist_as_their_data(fmnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default output folder is named after the data
+    assert main_pretrain.cli([str(fmnist), "--method", "simclr", *TINY, "--epochs", "1", "--knn-every", "1",
+                              "--knn-k", "10", "--knn-subset", "50"]) == 0
+    out = tmp_path / "runs" / "simclr-resnet18-fashion-mnist"
+    assert "Fashion-MNIST training set (160 images)" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["data"].startswith("160 images, 10 labels, arrays ")
+    ckpt = str(out / "checkpoint.pth.tar")
+    assert main_knn.cli([str(fmnist), "--pretrained", ckpt, "--k", "10", "-b", "20", "-j", "0",
+                         "--output-dir", str(tmp_path / "knn")]) == 0
+    record = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["n"] == 60 and record["train_n"] == 160  # the test set as queries, the training set as bank
+    assert main_lincls.cli([str(fmnist), "--pretrained", ckpt, "--train-aug", "none", "--epochs", "2", "-b", "32",
+                            "-j", "0", "--output-dir", str(tmp_path / "lin")]) == 0
+    lin = torch.load(tmp_path / "lin" / "checkpoint.pth.tar", weights_only=True)
+    assert lin["classes"] == list(FASHION_MNIST_CLASSES) and lin["val"]["val_n"] == 60
 
 
 @pytest.mark.e2e
-def test_benchmark_end_to_end_on_generated_images(tmp_path, benchmark):
-    data, out = tmp_path / "fm", tmp_path / "out"
-    _fake_fashion_mnist(data)
-    argv = ["--method", "simclr", "--data", str(data), "--out", str(out), "--budget-min", "1",
-            "--max-epochs", "2", "--batch-size", "32", "--image-size", "16", "--probe-epochs", "3",
-            "--monitor-every", "1", "--threads", "1"]
-    assert benchmark.main(argv) == 0
-    result = json.loads((out / "simclr" / "results.json").read_text())
-    assert result["steps"] == result["planned_steps"] == 2 * (160 // 32)
-    assert result["epochs"] == pytest.approx(2.0)
-    for baseline in ("pretrained", "random_init", "raw_pixels"):
-        figures = result[baseline]
-        assert set(figures) == {"knn_t0.1", "knn_t0.07", "linear", "dim"}
-        assert all(0.0 <= figures[k] <= 100.0 for k in ("knn_t0.1", "knn_t0.07", "linear"))
+def test_the_benchmark_runs_the_users_commands_and_writes_its_results(fmnist, tmp_path, repo):
+    out, results = tmp_path / "out", tmp_path / "results"
+    r = run_script(["tools/fmnist_benchmark.py", "--method", "simclr", "--data", str(fmnist), "--epochs", "2",
+                    "--out", str(out), "--results-dir", str(results), "-j", "0", "--pretrain-args",
+                    "--image-size", "16", "-b", "32", "--mlp-dim", "32"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((results / "results_simclr.json").read_text())
+    assert result["epochs"] == 2 and result["preset"] == "small-simclr"
+    # The preset's optimizer reached the run: LARS with the small-image trust coefficient.
+    groups = torch.load(out / "simclr" / "pretrain" / "checkpoint.pth.tar", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["trust_coefficient"] for g in groups} == {recipes.PRESETS["small-simclr"]["lars_eta"]} != {0.001}
+    for row in ("pretrained", "random_init", "raw_pixels"):
+        assert set(result[row]) == {"knn_t0.1", "knn_t0.07", "linear"}
+        assert all(0.0 <= v <= 100.0 for v in result[row].values())
     # The bars are trivially separable from raw pixels: the evaluation itself works.
     assert result["raw_pixels"]["knn_t0.1"] > 90 and result["raw_pixels"]["linear"] > 90
-    assert result["raw_pixels"]["dim"] == 784 and result["pretrained"]["dim"] == 512
-    # One metrics record per monitored epoch, in the format tools/plot_metrics.py reads.
-    records = [json.loads(line) for line in (out / "simclr" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1.0, 2.0]
-    assert all(np.isfinite(r["loss"]) and 0 <= r["knn_top1"] <= 100 and r["embed_std"] > 0 for r in records)
-    assert "| SimCLR | resnet18 | 16 | 2.00 |" in (out / "results.md").read_text()
-    # The saved backbone loads into a torchvision ResNet-18 with only the classifier missing.
-    import torchvision
-
-    net = torchvision.models.resnet18(num_classes=10)
-    load_backbone(net, extract_backbone(load_checkpoint(out / "simclr" / "checkpoint.pth.tar")))
-    assert not torch.equal(net.conv1.weight, torchvision.models.resnet18().conv1.weight)
+    assert [e["epoch"] for e in result["online_knn"]] == [1, 2]
+    commands = (out / "simclr" / "commands.txt").read_text()
+    for script in ("main_pretrain.py", "main_knn.py", "main_lincls.py"):
+        assert f"python {script}" in commands
+    assert "| SimCLR | 2 |" in (out / "results.md").read_text()
 
 
-def test_budget_stops_the_run_and_says_so(tmp_path, benchmark, monkeypatch):
-    data, out = tmp_path / "fm", tmp_path / "out"
-    _fake_fashion_mnist(data)
-    # Steps measured as fast, then the deadline passes at once: the run stops at the budget.
-    monkeypatch.setattr(benchmark, "measure_step_time", lambda *a, **k: 1e-3)
-    argv = ["--method", "moco", "--data", str(data), "--out", str(out), "--budget-min", "0.0001",
-            "--batch-size", "32", "--image-size", "16", "--probe-epochs", "1", "--monitor-every", "0",
-            "--threads", "1"]
-    assert benchmark.main(argv) == 0
-    result = json.loads((out / "moco" / "results.json").read_text())
-    assert result["ran_out_of_budget"] and result["steps"] < result["planned_steps"]
-
-
-def test_missing_dataset_names_the_fix(tmp_path, benchmark):
-    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
-        benchmark.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+def test_naming_fashion_mnist_without_its_files_says_how_to_get_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("selfsup.data.FASHION_MNIST_DEBIAN", str(tmp_path / "absent"))
+    assert main_pretrain.cli(["fashion-mnist", "--epochs", "1"]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import run_script
+from helpers import fake_fashion_mnist, run_script
 
 pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 
@@ -26,3 +26,16 @@ def test_gpu_check_dry_run_passes_and_writes_its_summaries(tmp_path):
     assert [c["status"] for c in checks if c["part"] == "learn"] == ["SKIP"]  # no --fashion-mnist given
     assert "| smoke |" in (out / "gpu_check.md").read_text()
     assert "PASS smoke:" in r.stdout
+
+
+def test_gpu_check_learn_runs_the_benchmark_and_reports_each_method(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "idx", n_train=96, n_test=40)
+    out = tmp_path / "check"
+    r = run_script(["tools/gpu_check.py", "--dry-run", "--part", "learn", "--fashion-mnist", str(data),
+                    "--out", str(out)], timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    lines = [c["name"] for c in result["checks"] if c["part"] == "learn" and c["status"] == "PASS"]
+    assert lines == ["BYOL: 1 epochs", "MoCo v2: 1 epochs", "SimCLR: 1 epochs"], result["checks"]
+    assert set(result["learn"]) == {"moco", "byol", "simclr"}
+    assert all(0 <= result["learn"][m]["linear"] <= 100 for m in result["learn"])

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torchvision
 from helpers import REPO, make_image_folder, torchrun
 from PIL import Image
+
 from selfsup import build_model
 from selfsup.lincls import train_linear_epoch
 from selfsup.probe import LinearProbe, SanityCheckError, build_probe, load_pretrained, sanity_check
@@ -369,10 +370,33 @@ def test_each_method_gets_its_published_protocol_unless_flags_say_otherwise(data
     assert (args["optimizer"], args["nesterov"], args["cos"], args["wd"]) == ("sgd", True, True, 0.0)
     assert args["lr"] == pytest.approx(0.1 * 8 / 256) and args["epochs"] == 1  # an explicit flag still wins
     assert "simclr's protocol, from google-research/simclr" in capsys.readouterr().out
-    # With --lr, MoCo's (the script's defaults, as facebookresearch/moco's main_lincls.py).
+    # A flag given replaces only itself: --lr 5 keeps SimCLR's Nesterov cosine schedule.
     assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--epochs", "1", "-b", "8", "-j", "0", "--lr", "5",
                             "--output-dir", str(tmp_path / "lin2")]) == 0
     args = torch.load(tmp_path / "lin2" / "checkpoint.pth.tar", weights_only=True)["args"]
-    assert (args["lr"], args["nesterov"], args["cos"], args["schedule"]) == (5.0, False, False, [60, 80])
+    assert (args["lr"], args["nesterov"], args["cos"], args["schedule"]) == (5.0, True, True, [])
+    assert "(--lr, --epochs given)" in capsys.readouterr().out
+    # Resumed with more epochs and without --lr, the probe keeps the lr it started with.
+    assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--epochs", "2", "-b", "8", "-j", "0",
+                            "--output-dir", str(tmp_path / "lin2")]) == 0
+    args = torch.load(tmp_path / "lin2" / "checkpoint.pth.tar", weights_only=True)["args"]
+    assert (args["lr"], args["epochs"], args["nesterov"]) == (5.0, 2, True)
     assert main_lincls.cli([str(data), "--pretrained", str(ckpt), "--lr", "-1", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--lr must be > 0 (got -1.0)" in capsys.readouterr().err
+
+
+def test_feature_bn_standardises_the_features_and_comes_back_with_the_classifier(data, moco_ckpt, tmp_path):
+    out = tmp_path / "lin"
+    assert lincls(data, "--pretrained", moco_ckpt[0], "--train-aug", "none", "--feature-bn", "--epochs", 2,
+                  "--output-dir", out) == 0
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["feature_bn"] is True
+    mean = ckpt["state_dict"]["module.norm.running_mean"]
+    assert mean.shape == (512,) and mean.abs().sum() > 0  # statistics of the training features
+    # -e rebuilds the standardisation from the checkpoint and gets the training run's figures
+    evaluated = tmp_path / "eval"
+    assert lincls(data, "-e", "--resume", out / "checkpoint.pth.tar", "--output-dir", evaluated) == 0
+    assert read_metrics(evaluated)[-1]["val_correct1"] == ckpt["val"]["val_correct1"]
+    # The classifier's file still serves as a backbone (main_knn.py, another probe, detection).
+    backbone = load_pretrained(out / "checkpoint.pth.tar").weights
+    assert "conv1.weight" in backbone and not [k for k in backbone if k.startswith(("norm.", "fc."))]

@@ -1,6 +1,7 @@
 """main_pretrain.py end to end on tiny generated images: one process, torchrun, bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -154,6 +155,49 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     assert pretrain(folder, "--method", "byol", *TINY, "-a", "resnet34", "--output-dir", out) == 2
     assert "arch 'resnet18'" in capsys.readouterr().err
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
+
+
+def test_the_run_definition_guards_the_output_folder(folder, tmp_path, capsys):
+    args = [*TINY, *METHOD_FLAGS["moco"]]
+    out = tmp_path / "run"
+    assert pretrain(folder, *args, "--output-dir", out) == 0
+    before = (out / "checkpoint.pth.tar").read_bytes()
+    # Another learning rate in the same folder is refused, naming it and the ways out.
+    assert pretrain(folder, *args, "--lr", "0.5", "--epochs", "2", "--output-dir", out) == 2
+    err = capsys.readouterr().err
+    assert "lr 0.0" in err and "(this command: 0.5)" in err and "--accept-changes" in err and "--no-resume" in err
+    assert (out / "checkpoint.pth.tar").read_bytes() == before
+    # --no-resume starts afresh next to it, touching nothing.
+    assert pretrain(folder, *args, "--lr", "0.5", "--no-resume", "--output-dir", out) == 0
+    assert (tmp_path / "run-2" / "checkpoint.pth.tar").is_file() and (out / "checkpoint.pth.tar").read_bytes() == before
+    # A copy of the data elsewhere is the same data: extending the run with more epochs resumes it.
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert pretrain(copy, *args, "--epochs", "2", "--output-dir", out) == 0
+    assert "resumed from" in (out / "log.txt").read_text()
+    # Continuing on purpose with a change is allowed and recorded.
+    assert pretrain(folder, *args, "--lr", "0.5", "--wd", "0.001", "--epochs", "3", "--accept-changes",
+                    "--output-dir", out) == 0
+    assert "continuing the run" in capsys.readouterr().out
+    assert load(out / "checkpoint.pth.tar")["run"]["lr"] == 0.5
+    # the new weight decay is the optimizer's, not the one its saved state held
+    assert {g["weight_decay"] for g in load(out / "checkpoint.pth.tar")["optimizer"]["param_groups"]} == {0.001}
+    args += ["--wd", "0.001"]
+    assert json.loads((out / "run.json").read_text())["lr"] == 0.5
+    # Checkpoints that recorded where the data lay (run records before fingerprints, or no run
+    # record at all) compare the data folder's path.
+    for epochs, older in ((4, "path"), (5, "no run")):
+        ckpt = load(out / "checkpoint.pth.tar")
+        del ckpt["args"]["data_id"]
+        if older == "path":
+            ckpt["run"]["data"] = str(folder.resolve())
+        else:
+            del ckpt["run"]
+        torch.save(ckpt, out / "checkpoint.pth.tar")
+        assert pretrain(copy, *args, "--lr", "0.5", "--epochs", epochs, "--output-dir", out) == 2
+        err = capsys.readouterr().err
+        assert f"data '{folder.resolve()}' (this command: '{copy.resolve()}')" in err, (older, err)
+        assert pretrain(folder, *args, "--lr", "0.5", "--epochs", epochs, "--output-dir", out) == 0, older
 
 
 def test_optimizer_state_of_an_older_version_with_gradless_extras_still_loads():

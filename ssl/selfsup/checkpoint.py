@@ -134,8 +134,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # Where the trained backbone lives, most specific first: this project and facebookresearch/moco
 # (DDP-wrapped and not), moco-v3, then a bare model.
 _BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.", "")
-# Keys of the projection head inside encoder_q (dropped: linear evaluation adds a new fc).
-_HEAD_PREFIXES = ("fc.", "head.")
+# Keys of the projection head inside encoder_q, or of a linear classifier and its feature
+# standardisation (main_lincls.py --feature-bn): dropped, linear evaluation adds its own.
+_HEAD_PREFIXES = ("fc.", "head.", "norm.")
 
 
 def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:

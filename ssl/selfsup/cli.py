@@ -146,6 +146,8 @@ def _worker(local_rank: int, main: Callable[[argparse.Namespace], int], args: ar
         RANK=str(max(args.rank, 0) * nproc + local_rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc),
         WORLD_SIZE=str(max(args.world_size, 1) * nproc),
         MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 10001))
+    if args.workers is None:  # now that LOCAL_WORLD_SIZE says how many processes share the CPUs
+        args.workers = default_workers()
     status = main(args)
     if status:
         sys.exit(status)
@@ -156,6 +158,8 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     with MoCo's --multiprocessing-distributed - in one spawned process per local GPU (or
     --nproc-per-node processes), after checking the global batch divides among them."""
     if not getattr(args, "multiprocessing_distributed", False):
+        if getattr(args, "workers", 0) is None:
+            args.workers = default_workers()
         try:
             return main(args)
         except KeyboardInterrupt:  # a Ctrl-C during setup, or the second one during training
@@ -172,5 +176,17 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except UsageError as e:
         return report(e)
     nproc = _spawned_world_size(args) // max(args.world_size, 1)
-    torch.multiprocessing.spawn(_worker, args=(main, args, nproc), nprocs=nproc)
-    return 0
+    workers = torch.multiprocessing.spawn(_worker, args=(main, args, nproc), nprocs=nproc, join=False)
+    interrupted = False
+    while True:
+        try:
+            while not workers.join():
+                pass
+            return 130 if interrupted else 0
+        except KeyboardInterrupt:  # the workers got the Ctrl-C too: they stop, and this process waits for them
+            if not interrupted:
+                print("\ninterrupted: waiting for the workers to write their checkpoint (Ctrl-C again in a worker "
+                      "stops it at once)", file=sys.stderr, flush=True)
+            interrupted = True
+        except torch.multiprocessing.ProcessExitedException as e:  # a worker's own status (its error is logged)
+            return e.exit_code if e.exit_code and e.exit_code > 0 else 1

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .presets import to_rgb
 from .distributed import DistInfo, all_gather_objects
+from .presets import to_rgb
 from .rng import seeded
 from .stopping import ignore_stop_signals
 
@@ -84,6 +84,17 @@ def load_image(path: str) -> Image.Image:
     return to_rgb(img)
 
 
+def _transformed(transform: Callable | None, img: Image.Image, seed: int | None):
+    """`transform(img)`, under the random streams seeded by `seed` when one is given (a sample's
+    position: the same augmentation whatever the worker or process)."""
+    if transform is None:
+        return img
+    if seed is None:
+        return transform(img)
+    with seeded(seed):
+        return transform(img)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images with labels (or -1) from `find_samples`, robust to unreadable files.
 
@@ -130,13 +141,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     self._warned.add(path)
                     logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
                 continue
-            if self.transform is not None:
-                if seed is None:
-                    img = self.transform(img)
-                else:
-                    with seeded(seed):
-                        img = self.transform(img)
-            return img, label, int(skipped > 0)  # this item's own file only: each file counts once
+            return _transformed(self.transform, img, seed), label, int(skipped > 0)  # this item's own file only: each file counts once
         raise RuntimeError(f"none of the {n} files of this dataset could be read as an image")
 
     def _read(self, path: str, seed: int | None):
@@ -232,7 +237,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
@@ -263,3 +268,52 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "trai
     if len(x) != len(y):
         raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
     return x, y
+
+
+FASHION_MNIST_NAME = "fashion-mnist"
+
+
+def fashion_mnist_root(data: str | os.PathLike | None) -> Path | None:
+    """The folder holding Fashion-MNIST's idx files when `data` names Fashion-MNIST, else None.
+
+    The scripts take Fashion-MNIST as their data argument in three forms: the word
+    `fashion-mnist` (Debian's location, `apt-get install dataset-fashion-mnist`), a folder holding
+    the idx files (plain or .gz), or torchvision's `FashionMNIST(root)` folder (FashionMNIST/raw)."""
+    if data is None:
+        return None
+    root = Path(FASHION_MNIST_DEBIAN) if str(data) == FASHION_MNIST_NAME else Path(data)
+    if _find_idx(root, "train-images-idx3-ubyte") is not None:
+        return root
+    if str(data) == FASHION_MNIST_NAME:
+        raise FileNotFoundError(f"'{FASHION_MNIST_NAME}' means {FASHION_MNIST_DEBIAN}, which holds no Fashion-MNIST "
+                                "files: `apt-get install dataset-fashion-mnist`, or pass the folder of the idx files")
+    return None
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Labelled images held as a uint8 array (N x H x W grayscale, or N x H x W x 3), served as
+    ImageDataset serves files: `(transform(PIL image), label, 0)`. `samples` names each image
+    `SOURCE#i` (for fingerprints and reports); nothing in an array is unreadable."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Callable | None = None,
+                 classes: Sequence[str] = (), source: str = "array") -> None:
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.transform, self.classes = transform, list(classes)
+        self.samples = [(f"{source}#{i}", int(label)) for i, label in enumerate(self.labels)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        img = to_rgb(Image.fromarray(self.images[index]))
+        return _transformed(self.transform, img, seed), int(self.labels[index]), 0
+
+
+def fashion_mnist_splits(root: Path, train_tf: Callable | None, val_tf: Callable | None):
+    """Fashion-MNIST's 60k training and 10k test images as (train, val, classes), the layout of
+    the evaluations' ROOT/train and ROOT/val."""
+    (x, y), (xt, yt) = load_fashion_mnist(root, "train"), load_fashion_mnist(root, "test")
+    train = ArrayDataset(x, y, train_tf, FASHION_MNIST_CLASSES, f"{root}/train")
+    val = ArrayDataset(xt, yt, val_tf, FASHION_MNIST_CLASSES, f"{root}/test")
+    return train, val, list(FASHION_MNIST_CLASSES)

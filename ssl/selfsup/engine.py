@@ -27,7 +27,7 @@ from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
 from .optim import learning_rate, set_lr
-from .recipes import run_definition
+from .recipes import is_data_id, run_definition
 from .resume import Checkpointer, check_same_run, read_checkpoint, restore_run_state, run_state
 from .rng import preserved
 from .stopping import NonFiniteLossError, StopRequest, signal_name
@@ -256,7 +256,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
                               meters=None)
             record = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("stopped_at", "meter_state")},
                       "epoch_time_s": time.time() - t0}
-            if monitor is not None and ((epoch + 1) % knn_every == 0 or epoch + 1 == ctx.epochs):
+            # A stop request (agreed by every process) skips the evaluation: a preempted job's grace
+            # period is for leaving, not for a kNN pass.
+            if (monitor is not None and stats["stopped_at"] is None
+                    and ((epoch + 1) % knn_every == 0 or epoch + 1 == ctx.epochs)):
                 t1 = time.time()
                 with preserved():  # after the checkpoint: the evaluation must not move the random streams
                     record.update(monitor(core.encoder_q), knn_time_s=time.time() - t1)
@@ -311,15 +314,21 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
     ckpt = read_checkpoint(path, bool(args.resume), dist)
     if ckpt is None:
         return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
-    saved = ckpt.get("args") or {}  # checkpoints before run definitions were recorded
-    saved = ckpt.get("run") or run_definition({**saved, "method": ckpt.get("method", saved.get("method", "moco")),
-                                               "arch": ckpt.get("arch", saved.get("arch"))})
-    check_same_run(saved, run_definition(vars(args)), path, args.accept_changes)
+    current = vars(args)
+    saved = ckpt.get("run")
+    if saved is None:  # checkpoints before run definitions were recorded
+        old = ckpt.get("args") or {}
+        saved = run_definition({**old, "method": ckpt.get("method", old.get("method", "moco")),
+                                "arch": ckpt.get("arch", old.get("arch"))})
+    if not is_data_id(saved.get("data")):  # recorded where the data lay, not what it is: compare paths
+        current = {**current, "data_id": None}
+    check_same_run(saved, run_definition(current), path, args.accept_changes, explicit=bool(args.resume))
     try:
         unwrap(model).load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:
-        raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim?): "
-                         f"{str(e).splitlines()[0]} ...") from e
+        raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim? "
+                         "or a SimCLR run from before its head gained the scale-only BatchNorm, 2026-11-30, which "
+                         f"cannot continue: start a new run): {str(e).splitlines()[0]} ...") from e
     restore_run_state(ckpt, dist, optimizer, scaler)
     start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
     if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end

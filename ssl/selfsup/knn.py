@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from .distributed import all_reduce_sum, concat_all_gather, get_rank, get_world_size
 from .meters import accuracy
 from .sampler import ShardSampler, shard_range
+from .stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def make_eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin_me
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,  # a Ctrl-C is the main process's to handle
     )
 
 

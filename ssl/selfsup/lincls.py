@@ -276,7 +276,7 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
     else:
         train_loader = training_loader(train_ds, sampler, batch_size=local_batch, workers=workers, seed=seed,
                                        pin_memory=device.type == "cuda", drop_last=True)
-        fc = wrap_ddp(probe.fc, dist)  # only the classifier has gradients to average
+        head = wrap_ddp(probe.head, dist)  # only the classifier has gradients to average
     steps = (replica_sampler if cached else sampler).steps_per_epoch
     t_start = last_save = time.perf_counter()
     best_state = None  # the best epoch's checkpoint, until written
@@ -289,11 +289,13 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
             if cached:  # every process trains the same classifier on whole global batches
                 replica_sampler.set_epoch(epoch)
                 batches = cached_train_batches(train_feats, train_labels, replica_sampler)
-                stats = train_linear_epoch(probe.fc, batches, optimizer, lr_at, epoch, steps, device, reduce=False)
-                val = validate(probe.fc, row_batches(val_feats, val_labels, global_batch), device, reduce=False)
+                stats = train_linear_epoch(probe.head, batches, optimizer, lr_at, epoch, steps, device, reduce=False)
+                probe.eval()
+                val = validate(probe.head, row_batches(val_feats, val_labels, global_batch), device, reduce=False)
             else:
                 batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
-                stats = train_linear_epoch(fc, batches, optimizer, lr_at, epoch, steps, device, print_freq)
+                stats = train_linear_epoch(head, batches, optimizer, lr_at, epoch, steps, device, print_freq)
+                probe.eval()
                 val = validate(probe, image_batches(val_loader, device, readable_only=True), device)
             is_best = val["val_acc1"] > best_acc1
             best_acc1 = max(best_acc1, val["val_acc1"])
@@ -344,6 +346,7 @@ def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args,
     feeds --pretrained too. `epoch` is the next epoch to train."""
     return {
         "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "small_stem": small_stem, "image_size": image_size,
+        "feature_bn": isinstance(probe.norm, nn.BatchNorm1d),
         "num_classes": len(classes), "classes": list(classes),
         "state_dict": {f"module.{k}": v for k, v in probe.resnet_state_dict().items()},
         "best_acc1": best_acc1, "val": dict(val), "pretrained": pretrained,

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .knn import extract_features, knn_evaluate, make_eval_loader, resnet_features
 
@@ -85,11 +85,17 @@ class KNNMonitor:
 
 
 def folder_monitor(root: str | Path, image_size: int, batch_size: int, device: torch.device, workers: int = 0,
-                   k: int = 200, T: float = 0.07,
-                   transform: Callable | None = None) -> KNNMonitor:
-    """A KNNMonitor over ROOT/train and ROOT/val class folders (the layout main_knn.py reads)."""
+                   k: int = 200, T: float = 0.07, transform: Callable | None = None,
+                   subset: int | None = None) -> KNNMonitor:
+    """A KNNMonitor over ROOT/train and ROOT/val class folders (the layout main_knn.py reads), or
+    Fashion-MNIST. `subset`: at most that many bank images and a fifth as many queries, drawn once
+    with a fixed seed - an online curve at a fraction of a full evaluation's cost."""
     from .probe import eval_transform, linear_eval_datasets
 
     tf = transform or eval_transform(image_size)
     train, val, classes = linear_eval_datasets(root, tf, tf)
+    if subset:
+        g = torch.Generator().manual_seed(0)
+        train = Subset(train, torch.randperm(len(train), generator=g)[:subset].tolist())
+        val = Subset(val, torch.randperm(len(val), generator=g)[: max(1, subset // 5)].tolist())
     return KNNMonitor(train, val, len(classes), batch_size, device, workers, k, T)

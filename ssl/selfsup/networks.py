@@ -103,23 +103,42 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
-def build_mlp(
-    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = False
-) -> nn.Sequential:
-    """Projection/prediction MLP: (Linear-BN-ReLU) x (num_layers - 1), then Linear.
+class ScaleOnlyBatchNorm1d(nn.Module):
+    """BatchNorm without centring: normalise, then multiply by a learned per-feature scale, with no
+    shift - the last layer of SimCLR's projection head (its batch norm has `center=False`)."""
 
-    With `last_bn` the output gets a BatchNorm without affine parameters (moco-v3, SimCLR v2).
-    """
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.weight  # N x C
+
+
+LAST_NORMS = (None, "bn", "bn_scale")
+
+
+def build_mlp(
+    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_norm: str | None = None
+) -> nn.Sequential:
+    """Projection/prediction MLP: (Linear without bias - BN - ReLU) x (num_layers - 1), then the
+    output layer: a Linear with bias (`last_norm` None: BYOL), or a Linear without bias followed by
+    a BatchNorm without affine parameters ("bn": moco-v3) or with a scale and no shift
+    ("bn_scale": SimCLR)."""
+    if last_norm not in LAST_NORMS:
+        raise ValueError(f"last_norm must be one of {LAST_NORMS}, got {last_norm!r}")
     layers: list[nn.Module] = []
     for i in range(num_layers):
         d_in = input_dim if i == 0 else mlp_dim
         d_out = output_dim if i == num_layers - 1 else mlp_dim
         if i < num_layers - 1:
             layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out, affine=False)]
-        else:
+        elif last_norm is None:
             layers.append(nn.Linear(d_in, d_out))
+        else:
+            norm = nn.BatchNorm1d(d_out, affine=False) if last_norm == "bn" else ScaleOnlyBatchNorm1d(d_out)
+            layers += [nn.Linear(d_in, d_out, bias=False), norm]
     return nn.Sequential(*layers)
 
 

@@ -17,6 +17,12 @@ class LARS(torch.optim.Optimizer):
     (the trust ratio, 1 when either norm is 0); then heavy-ball momentum. Biases and BatchNorm
     parameters (ndim == 1) get neither weight decay nor the trust ratio, as in those papers.
 
+    The momentum comes in the two forms the papers' code uses. By default the learning rate
+    multiplies the momentum buffer, mu <- m mu + g; p <- p - lr mu (BYOL's optax chain in
+    deepmind-research, moco-v3). With `classic_momentum` it enters the buffer, mu <- m mu + lr g;
+    p <- p - mu (google-research/simclr's default, "classic momentum"): under a schedule each
+    step's gradient then keeps the lr of its own step. The two agree while the lr is constant.
+
     `foreach=True` (default) does each step for all parameters of a group with multi-tensor
     kernels (torch._foreach_*), a handful of launches per step instead of ~10 per parameter;
     `foreach=False` is the plain per-parameter loop (same results up to float rounding).
@@ -29,9 +35,11 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
+        classic_momentum: bool = False,
         foreach: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient,
+                        classic_momentum=classic_momentum)
         super().__init__(params, defaults)
         self.foreach = foreach
 
@@ -63,8 +71,12 @@ class LARS(torch.optim.Optimizer):
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(g)
-                p.add_(mu, alpha=-group["lr"])
+                if group.get("classic_momentum", False):  # absent in older checkpoints
+                    mu.mul_(group["momentum"]).add_(g, alpha=group["lr"])
+                    p.sub_(mu)
+                else:
+                    mu.mul_(group["momentum"]).add_(g)
+                    p.add_(mu, alpha=-group["lr"])
         return loss
 
     def _foreach_step(self, group: dict) -> None:
@@ -89,12 +101,17 @@ class LARS(torch.optim.Optimizer):
         grads = [update.get(id(p), p.grad) for p in params]
         mus = [self.state[p]["mu"] for p in params]
         torch._foreach_mul_(mus, group["momentum"])
-        torch._foreach_add_(mus, grads)
-        torch._foreach_add_(params, mus, alpha=-group["lr"])
+        if group.get("classic_momentum", False):  # absent in older checkpoints
+            torch._foreach_add_(mus, grads, alpha=group["lr"])
+            torch._foreach_sub_(params, mus)
+        else:
+            torch._foreach_add_(mus, grads)
+            torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
 def build_optimizer(
-    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False
+    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+    classic_momentum: bool = False, trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
     """'sgd' (torch SGD with multi-tensor 'foreach' kernels, optionally Nesterov: SimCLR's and
     BYOL's linear protocols) or 'lars'. `params` may be parameter groups (e.g. detection's,
@@ -105,7 +122,8 @@ def build_optimizer(
     if name == "lars":
         if nesterov:
             raise ValueError("--nesterov applies to --optimizer sgd only")
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, classic_momentum=classic_momentum,
+                    trust_coefficient=trust_coefficient)
     raise ValueError(f"unknown optimizer '{name}'; valid: sgd, lars")
 
 

@@ -1,6 +1,7 @@
 """How pretraining batches reach the model: dataset, sampler, loader, and the views on the device.
 
-`build_pretrain_pipeline` returns a `Pipeline` whose loader yields `(batch, labels, skipped)`
+`build_pretrain_pipeline` (over an image folder, or Fashion-MNIST's idx files) returns a
+`Pipeline` whose loader yields `(batch, labels, skipped)`
 and whose `views(batch, epoch, step)` turns a batch into the two normalised views the model
 takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
 
@@ -21,8 +22,11 @@ step, rank) - so a view is the same whether a worker or the main process makes i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -30,7 +34,8 @@ from PIL import Image
 
 from .augment import TwoViewAugment
 from .crops import TwoCropsDataset, host_to
-from .data import ImageDataset, find_samples, training_loader
+from .data import (FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist_root, find_samples, load_fashion_mnist,
+                   training_loader)
 from .distributed import DistInfo
 from .inmemory import IndexBatchLoader, InMemoryImages
 from .presets import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
@@ -53,6 +58,25 @@ class Pipeline:
     num_images: int
     description: str
     backend: str = "reference"
+    # What the data is, independent of where it lies: a fingerprint of the files (relative paths
+    # and labels) or of the arrays - part of what defines a run (selfsup.recipes.run_definition).
+    data_id: str = ""
+
+
+def files_id(samples: Sequence[tuple[str, int]], root: str | Path) -> str:
+    """`N images, C labels, files <hash>` of an image folder, from the paths relative to `root`
+    (so a copy elsewhere, or ROOT against ROOT/train, is the same data)."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return f"{len(samples)} images, {len({label for _, label in samples})} labels, files {h.hexdigest()[:16]}"
+
+
+def arrays_id(data: InMemoryImages) -> str:
+    """`N images, C labels, arrays <hash>` of images held in memory, from their bytes."""
+    h = hashlib.sha256(data.images.numpy().tobytes())
+    h.update(data.labels.numpy().tobytes())
+    return f"{len(data)} images, {len(set(data.labels.tolist()))} labels, arrays {h.hexdigest()[:16]}"
 
 
 def _copied(device: torch.device, channels_last: bool) -> Callable[..., list[torch.Tensor]]:
@@ -99,6 +123,7 @@ def build_memory_pipeline(
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
     description: str = "",
+    data_id: str = "",
 ) -> Pipeline:
     """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
     numpy arrays); crop, flip and colour all run batched on `dist.device`.
@@ -130,7 +155,7 @@ def build_memory_pipeline(
         f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched {where}"
     )
-    return Pipeline(loader, sampler, views, len(data), description, "memory")
+    return Pipeline(loader, sampler, views, len(data), description, "memory", data_id or arrays_id(data))
 
 
 def build_pretrain_pipeline(
@@ -153,6 +178,13 @@ def build_pretrain_pipeline(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    fmnist = fashion_mnist_root(data_dir)
+    if fmnist is not None:  # idx files: held in memory whatever the backend
+        x, y = load_fashion_mnist(fmnist, "train")
+        return build_memory_pipeline(InMemoryImages(x, y, FASHION_MNIST_CLASSES), aug=aug, image_size=image_size,
+                                     batch_size=batch_size, dist=dist, seed=seed, workers=workers,
+                                     channels_last=channels_last, out_dtype=out_dtype,
+                                     description=f"Fashion-MNIST training set ({len(x)} images) from {fmnist}")
     samples, classes = find_samples(data_dir)
     what = f"{len(samples)} images ({len(classes) or 'no'} classes) from {data_dir}"
     auto = backend == "auto"
@@ -169,7 +201,7 @@ def build_pretrain_pipeline(
         else:
             return build_memory_pipeline(data, aug=aug, image_size=image_size, batch_size=batch_size, dist=dist,
                                          seed=seed, workers=workers, channels_last=channels_last, out_dtype=out_dtype,
-                                         description=what)
+                                         description=what, data_id=files_id(samples, data_dir))
 
     sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed)
     pin = dist.device.type == "cuda"
@@ -195,7 +227,7 @@ def build_pretrain_pipeline(
         loader = training_loader(batches, StepBatchSampler(sampler), batch_size=None, workers=workers, seed=seed,
                                  pin_memory=pin)
     description = f"{what}; aug {aug} at {image_size}px, {how}"
-    return Pipeline(loader, sampler, views, len(samples), description, backend)
+    return Pipeline(loader, sampler, views, len(samples), description, backend, files_id(samples, data_dir))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,13 +19,8 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from .checkpoint import (
-    extract_backbone,
-    infer_arch_info,
-    load_backbone,
-    load_checkpoint,
-)
-from .data import ImageDataset, find_samples, find_unreadable, without_files
+from .checkpoint import extract_backbone, infer_arch_info, load_backbone, load_checkpoint
+from .data import ImageDataset, fashion_mnist_root, fashion_mnist_splits, find_samples, find_unreadable, without_files
 from .distributed import DistInfo
 from .networks import ARCHS, backbone_constructor
 from .presets import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
@@ -79,17 +74,20 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrai
 
 
 class LinearProbe(nn.Module):
-    """A frozen backbone (pooled features) followed by a trainable linear classifier `fc`.
+    """A frozen backbone (pooled features) followed by a trainable linear classifier `fc`,
+    optionally on standardised features (`norm`: a BatchNorm without affine parameters, MAE's
+    linear probe, which makes one learning rate fit backbones whose features differ in scale).
 
     The backbone stays in eval mode whatever `train()` asks, so BatchNorm normalises with the
     pretrained running statistics and never updates them - under the linear protocol no part
     of the pretrained model may change, and BatchNorm statistics are part of it.
     """
 
-    def __init__(self, backbone: nn.Module, fc: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, fc: nn.Linear, feature_bn: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.fc = fc
+        self.norm = nn.BatchNorm1d(fc.in_features, affine=False) if feature_bn else nn.Identity()
         for p in self.backbone.parameters():
             p.requires_grad = False
         self.backbone.eval()
@@ -104,23 +102,33 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             return self.backbone(x)
 
+    @property
+    def head(self) -> nn.Sequential:
+        """What trains on the features: the (optional) standardisation and the classifier."""
+        return nn.Sequential(self.norm, self.fc)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))  # N x num_classes
+        return self.fc(self.norm(self.features(x)))  # N x num_classes
 
     def resnet_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under torchvision ResNet names (conv1..., fc.weight), loadable into
-        torchvision.models.<arch>(num_classes=C)."""
+        torchvision.models.<arch>(num_classes=C); with feature_bn also `norm.running_mean`/`_var`
+        (the standardisation torchvision's ResNet lacks: load those with strict=False and apply
+        it before fc)."""
         state = dict(self.backbone.state_dict())
         state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
+        state.update({f"norm.{k}": v for k, v in self.norm.state_dict().items()})
         return state
 
     def load_resnet_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.fc.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("fc.")})
-        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+        self.norm.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("norm.")})
+        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(("fc.", "norm."))})
 
 
 def build_probe(
-    arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None
+    arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None,
+    feature_bn: bool = False,
 ) -> LinearProbe:
     """A torchvision ResNet with the pretrained `weights` (or random ones for a baseline), frozen,
     and a new fc initialised N(0, 0.01) with zero bias (MoCo, SimCLR).
@@ -135,7 +143,7 @@ def build_probe(
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
     net.fc = nn.Identity()
-    return LinearProbe(net, fc)
+    return LinearProbe(net, fc, feature_bn)
 
 
 def changed_backbone_keys(probe: LinearProbe, reference: Mapping[str, torch.Tensor]) -> list[str]:
@@ -188,11 +196,15 @@ def train_transform(image_size: int, aug: str) -> T.Compose:
 def linear_eval_datasets(
     root: str | os.PathLike, train_tf: Callable, val_tf: Callable
 ) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    """ROOT/train and ROOT/val as labelled datasets with the same classes.
+    """ROOT/train and ROOT/val as labelled datasets with the same classes - or, when ROOT names
+    Fashion-MNIST (selfsup.data.fashion_mnist_root), its training and test sets.
 
     Labels are positions in the sorted list of class folders, so a class missing from one split
     would shift every label after it: differing classes are an error naming them.
     """
+    fmnist = fashion_mnist_root(root)
+    if fmnist is not None:
+        return fashion_mnist_splits(fmnist, train_tf, val_tf)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder '{root}' does not exist (or is not a folder)")
@@ -224,6 +236,8 @@ def readable(dataset: ImageDataset, name: str, dist: DistInfo, workers: int = 0)
     """`dataset` without its unreadable files, found before the evaluation starts by decoding every
     file (the processes share the work) and reported by rank 0: the evaluation then counts every
     readable image exactly once instead of failing - or replacing - at the first bad file."""
+    if not isinstance(dataset, ImageDataset):  # images held in an array: nothing to decode
+        return dataset
     bad = find_unreadable(dataset.samples, dist, workers)
     if not bad:
         return dataset

@@ -8,10 +8,15 @@ demo recipe) < flags on the command line.
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
+from .data import fashion_mnist_root
 from .methods import METHODS
+
+logger = logging.getLogger(__name__)
 
 # Used whatever the method, unless something above overrides them (facebookresearch/moco's defaults).
 COMMON: dict[str, Any] = {
@@ -28,6 +33,9 @@ COMMON: dict[str, Any] = {
     "image_size": 224,
     "small_stem": False,
     "bn_splits": 1,
+    "sync_bn": False,
+    "classic_momentum": False,
+    "lars_eta": 0.001,  # LARS's trust coefficient: BYOL's and SimCLR's (and their ImageNet recipes')
     "knn_every": 0,
 }
 
@@ -51,18 +59,42 @@ PRESETS: dict[str, dict[str, Any]] = {
     "byol": {
         "method": "byol", "arch": "resnet50", "epochs": 1000, "batch_size": 4096, "lr_per_256": 0.2,
         "wd": 1.5e-6, "optimizer": "lars", "warmup_epochs": 10, "cos": True, "moco_dim": 256,
-        "mlp_dim": 4096, "moco_m": 0.996, "moco_m_cos": True, "aug": "byol",
+        "mlp_dim": 4096, "moco_m": 0.996, "moco_m_cos": True, "aug": "byol", "sync_bn": True,
         "source": "Grill et al. 2020 (arXiv:2006.07733), Sec. 3.2 and Appendix C",
         "reported": "74.3%, ResNet-50, 1000 epochs, batch 4096",
     },
     "simclr": {
         "method": "simclr", "arch": "resnet50", "epochs": 1000, "batch_size": 4096, "lr_per_256": 0.3,
         "wd": 1e-6, "optimizer": "lars", "warmup_epochs": 10, "cos": True, "moco_dim": 128,
-        "mlp_dim": 2048, "moco_t": 0.1, "aug": "simclr",
+        "mlp_dim": 2048, "moco_t": 0.1, "aug": "simclr", "sync_bn": True,
         "source": "Chen et al. 2020 (arXiv:2002.05709), Sec. 2.3 and Appendix B.1",
         "reported": "69.3%, ResNet-50, 1000 epochs, batch 4096",
     },
 }
+
+# Small images (28-32 px: Fashion-MNIST, CIFAR), for a few epochs: ResNet-18 with the standard
+# stem at 32 px (the small stem costs about 8x the compute), each method's augmentation, a
+# 5% warmup and a cosine decay over the planned epochs. BYOL and SimCLR take solo-learn's CIFAR
+# optimiser (LARS with trust coefficient 0.02, lr 1.0 / 0.4 x B/256, wd 1e-5): with the papers'
+# 0.001 a step moves a weight by lr x 0.1% of its norm, too little for a few thousand steps.
+# Measured on Fashion-MNIST (README, "Does it learn?"; tools/fmnist_benchmark.py); the papers'
+# recipes above stay as they are.
+_SMALL = {"arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 10, "batch_size": 128, "cos": True,
+          "warmup_epochs": 0.5}
+PRESETS.update({
+    "small-moco": {**_SMALL, "method": "moco", "lr_per_256": 0.06, "wd": 5e-4, "moco_dim": 128, "moco_k": 8192,
+                   "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2", "bn_splits": 8,
+                   "source": "MoCo v2 scaled to 60k images and a few thousand steps (measured)",
+                   "reported": "see README, Does it learn?"},
+    "small-byol": {**_SMALL, "method": "byol", "lr_per_256": 1.0, "optimizer": "lars", "lars_eta": 0.02, "wd": 1e-5,
+                   "moco_dim": 128, "mlp_dim": 1024, "moco_m": 0.99, "moco_m_cos": True, "aug": "byol",
+                   "source": "BYOL scaled to 60k images and a few thousand steps (measured)",
+                   "reported": "see README, Does it learn?"},
+    "small-simclr": {**_SMALL, "method": "simclr", "lr_per_256": 0.4, "optimizer": "lars", "lars_eta": 0.02, "wd": 1e-5,
+                     "moco_dim": 128, "mlp_dim": 1024, "moco_t": 0.2, "aug": "simclr",
+                     "source": "SimCLR scaled to 60k images and a few thousand steps (measured)",
+                     "reported": "see README, Does it learn?"},
+})
 
 # `python main_pretrain.py` without a data argument: the embedded Fashion-MNIST demo, sized to
 # finish on a laptop CPU in a couple of minutes. Per method, on top of the method's defaults.
@@ -110,8 +142,8 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
 
 
 # Linear evaluation: each method's published protocol on ImageNet (docs/EVALUATION.md gives the
-# sources and the reasoning). main_lincls.py takes the checkpoint's method's when neither --lr
-# nor --optimizer is given; any flag given still wins. `lr_per_256` scales with --batch-size.
+# sources and the reasoning). main_lincls.py takes the checkpoint's method's; each flag given
+# replaces its own value only (linear_protocol). `lr_per_256` scales with --batch-size.
 LINEAR: dict[str, dict[str, Any]] = {
     "moco": {"optimizer": "sgd", "lr": 30.0, "nesterov": False, "wd": 0.0, "cos": False, "schedule": [60, 80],
              "epochs": 100, "source": "facebookresearch/moco's main_lincls.py (He et al. 2020, Sec. 4.1)"},
@@ -123,21 +155,28 @@ LINEAR: dict[str, dict[str, Any]] = {
 
 
 def linear_protocol(args: argparse.Namespace, method: str | None) -> str:
-    """Fill main_lincls.py's unset optimisation flags in place with a protocol of LINEAR: the
-    checkpoint's `method`'s when neither --lr nor --optimizer was given, else MoCo's (the script's
-    defaults, as facebookresearch/moco's). Returns a line saying which, for the log."""
-    name = method if method in LINEAR and args.lr is None and args.optimizer is None else "moco"
+    """Fill main_lincls.py's unset optimisation flags in place from the protocol in LINEAR of the
+    checkpoint's `method` (MoCo's, the script's defaults as facebookresearch/moco's, when none is
+    recorded). Each flag given on the command line wins on its own; the others keep the protocol's.
+    Returns a line saying what was chosen and why, for the log."""
+    name = method if method in LINEAR else "moco"
     protocol = LINEAR[name]
+    given = [key for key in ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epochs")
+             if getattr(args, key) is not None]  # set on the command line, or by the run resumed
     for key in ("optimizer", "nesterov", "wd", "cos", "schedule", "epochs"):
         if getattr(args, key) is None:
             setattr(args, key, protocol[key])
     if args.lr is None:
         args.lr = protocol.get("lr") or protocol["lr_per_256"] * args.batch_size / 256
+    if not args.cos and any(m >= args.epochs for m in args.schedule):
+        logger.warning("--schedule %s has milestones at or past --epochs %d: those lr drops never happen",
+                       args.schedule, args.epochs)
     how = (f"{args.optimizer}{' nesterov' if args.nesterov else ''}, lr {args.lr:g}, "
            + ("cosine" if args.cos else f"x0.1 at {args.schedule}") + f", wd {args.wd:g}, {args.epochs} epochs")
     why = (f"{name}'s protocol, from {protocol['source']}" if name == method
-           else "MoCo's protocol (--lr or --optimizer given, or no method recorded)")
-    return f"linear evaluation: {how} - {why}; flags override it (docs/EVALUATION.md)"
+           else "MoCo's protocol (the checkpoint records no method)")
+    given_text = f" ({', '.join('--' + k for k in given)} given)" if given else ""
+    return f"linear evaluation: {how} - {why}{given_text}; docs/EVALUATION.md"
 
 
 # What defines a pretraining run: the data and every hyperparameter that changes the weights it
@@ -145,25 +184,35 @@ def linear_protocol(args: argparse.Namespace, method: str | None) -> str:
 # is refused unless asked for (--accept-changes). --epochs is not among them: extending a run is
 # allowed. Nor are what only changes speed or reporting (workers, devices, print and save rates).
 RUN_DEFINING = ("data", "method", "arch", "small_stem", "image_size", "aug", "batch_size", "lr", "optimizer",
-                "momentum", "wd", "cos", "schedule", "warmup_epochs", "moco_dim", "moco_k", "moco_m", "moco_t",
-                "moco_m_cos", "mlp", "mlp_dim", "bn_splits", "shuffle_bn", "sync_bn", "amp", "seed")
+                "momentum", "wd", "cos", "schedule", "warmup_epochs", "classic_momentum", "lars_eta", "moco_dim", "moco_k",
+                "moco_m", "moco_t", "moco_m_cos", "mlp", "mlp_dim", "bn_splits", "shuffle_bn", "sync_bn", "amp", "seed")
 
 
 def run_definition(args: dict[str, Any]) -> dict[str, Any]:
     """The values of RUN_DEFINING in `args` (a pretraining command's, or the plain args an older
-    checkpoint saved), the data as an absolute path ('demo' for the embedded demo)."""
+    checkpoint saved). The data is what the files are (`data_id`, selfsup.pipeline.files_id), not
+    where they lie, so a copy on a job's local disk resumes the same run; older checkpoints, which
+    did not record it, compare the absolute path ('demo' for the embedded demo)."""
     out = {k: args.get(k) for k in RUN_DEFINING}
-    if args.get("demo"):
+    if args.get("data_id"):
+        out["data"] = args["data_id"]
+    elif args.get("demo"):
         out["data"] = "demo"
     elif out["data"] is not None:
-        out["data"] = str(Path(out["data"]).resolve())
+        out["data"] = str((fashion_mnist_root(out["data"]) or Path(out["data"])).resolve())
     return out
+
+
+def is_data_id(data: object) -> bool:
+    """Whether a recorded `data` is a fingerprint (selfsup.pipeline.files_id / arrays_id) rather
+    than a path or 'demo', as run records before 2026-11-30 held."""
+    return isinstance(data, str) and re.fullmatch(r"\d+ images, \d+ labels, (files|arrays) [0-9a-f]+", data) is not None
 
 
 def default_output_dir(method: str, arch: str, data: str | None) -> str:
     """runs/<method>-<arch>-<name of the data folder> ('demo' for the embedded demo), so that
     another dataset gets another folder instead of resuming the first one's run."""
-    name = "demo" if data is None else Path(data).resolve().name
+    name = "demo" if data is None else "fashion-mnist" if fashion_mnist_root(data) else Path(data).resolve().name
     return str(Path("runs") / f"{method}-{arch}-{name}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -74,7 +75,13 @@ def restore_run_state(ckpt: Mapping[str, Any], dist: DistInfo, optimizer: torch.
     """Put back what `run_state` saved: the optimizer and scaler (when given) and this process's
     random generators (when the number of processes is the same)."""
     if optimizer is not None and ckpt.get("optimizer"):
+        # The command's hyperparameters win over the saved ones (the same unless changed on
+        # purpose, --accept-changes); the learning rate is the schedule's, set at every step.
+        chosen = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in optimizer.param_groups]
         optimizer.load_state_dict(without_stateless_extras(ckpt["optimizer"], optimizer))
+        for group, values in zip(optimizer.param_groups, chosen):
+            group.update(values)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng")
@@ -91,38 +98,66 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iter
     out = []
     for key in keys:
         theirs, mine = saved.get(key), current.get(key)
-        if theirs is not None and mine is not None and theirs != mine:
-            out.append(f"{key} {theirs!r} (this command: {mine!r})")
+        if theirs is None or mine is None or theirs == mine:
+            continue
+        if isinstance(theirs, float) and isinstance(mine, (int, float)) and math.isclose(theirs, mine, rel_tol=1e-9):
+            continue  # e.g. a preset's lr 0.3 * 4096 / 256 against the same lr typed in
+        out.append(f"{key} {theirs!r} (this command: {mine!r})")
     return out
 
 
-def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, accept: bool) -> list[str]:
+def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, accept: bool,
+                   explicit: bool = False) -> list[str]:
     """Refuse to continue the run in `path` with another definition (what defines a run: data,
     method, hyperparameters); returns the changes when `accept` lets them through.
 
     A second dataset or a changed learning rate given to the same output folder would otherwise
     silently resume - or finish - the first run. The message lists the differences and the ways
-    out: another folder, or continuing on purpose."""
+    out: another folder, or continuing on purpose. `explicit`: the path came from --resume."""
     changes = differences(saved, current, current.keys())
     if changes and not accept:
+        start_afresh = ("leave out --resume" if explicit else
+                        "give it its own folder (--output-dir DIR, or --no-resume for a new folder next to this one)")
         raise UsageError(
-            f"'{path}' belongs to another run: {'; '.join(changes)}. To start a new run, give it its own folder "
-            "(--output-dir DIR, or --no-resume for a new folder next to this one); to continue that run with the "
-            "new values, pass --accept-changes.")
+            f"'{path}' belongs to another run: {'; '.join(changes)}. To start a new run, {start_afresh}; to "
+            "continue that run with the new values, pass --accept-changes.")
     if changes:
         logger.warning("continuing the run of %s with changes (--accept-changes): %s", path, "; ".join(changes))
     return changes
 
 
-def fresh_folder(folder: str | Path) -> Path:
-    """`folder` if it holds no checkpoint yet, else the first of folder-2, folder-3, ... that holds
-    none: where --no-resume starts afresh without overwriting anything."""
-    folder = Path(folder)
+def claim_fresh_folder(folder: str | Path, dist: DistInfo) -> Path:
+    """Create and return `folder` if nothing is there yet, else the first of folder-2, folder-3,
+    ... that does not exist: where --no-resume starts afresh without touching another run.
+
+    Rank 0 creates it (an atomic mkdir, so two launches never pick the same one) and every
+    process gets its answer - or the same UsageError when it cannot be created. A job that
+    restarts itself (torchrun --max-restarts, a SLURM requeue) must not pass --no-resume: each
+    restart would start again in a new folder instead of resuming."""
+    answer: str | None = None
+    if dist.is_main:
+        try:
+            answer = str(_first_free_folder(Path(folder)))
+        except OSError as e:
+            answer = f"error: --no-resume could not create a folder for {folder}: {e}"
+    answer = broadcast_object(answer, src=0)
+    if answer.startswith("error: "):
+        raise UsageError(answer.removeprefix("error: "))
+    return Path(answer)
+
+
+def _first_free_folder(folder: Path) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = folder, 1
-    while (candidate / "checkpoint.pth.tar").exists():
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if candidate.is_dir() and not any(candidate.iterdir()):
+                return candidate  # an empty folder (e.g. one made by hand): nothing to overwrite
         n += 1
         candidate = folder.with_name(f"{folder.name}-{n}")
-    return candidate
 
 
 def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
