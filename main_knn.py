@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (INPUT_ERRORS, UsageError, agree_on_error, default_output_dir, default_workers,
-                         per_process_batch)
+from selfsup.cli import (INPUT_ERRORS, UsageError, agree_on_error, check_numbers, default_output_dir,
+                         default_workers, per_process_batch, report)
 from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
@@ -107,6 +107,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("main_knn.py", parents=[get_args_parser()], description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    try:
+        check_numbers(args, positive=("batch_size", "k", "temperature", "image_size"), non_negative=("workers",))
+    except UsageError as e:
+        return report(e)
     args.demo = args.data is None
     if args.demo:
         args.data = str(DEMO_ROOT)

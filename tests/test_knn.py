@@ -231,3 +231,6 @@ def test_main_knn_runs_and_reports(tmp_path, capsys):
     assert main_knn.cli([str(data), "--pretrained", str(bad), "-j", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "is not a PyTorch checkpoint" in err and err.count("error") == 1
+    for flag, value in (("--k", "0"), ("-t", "0"), ("-b", "-2")):
+        assert main_knn.cli([str(data), "--pretrained", str(ckpt), flag, value]) == 2
+        assert "must be > 0" in capsys.readouterr().err
