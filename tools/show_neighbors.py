@@ -18,8 +18,9 @@ noisy; main_knn.py measures the whole split).
 
 Data: DATA is an ImageFolder root (DATA/train and DATA/val class folders, MoCo's layout; a root
 without the split folder is used as is); without DATA, the embedded Fashion-MNIST demo. Or
---fashion-mnist [DIR]: the idx files (default /usr/share/datasets/fashion-mnist), where the
-query split val (or test) is the 10k test set. Needs matplotlib (`pip install matplotlib`).
+Fashion-MNIST's idx files, as DATA (`fashion-mnist` for Debian's copy, as the other scripts) or
+--fashion-mnist [DIR] (default /usr/share/datasets/fashion-mnist), where the query split val
+(or test) is the 10k test set. Needs matplotlib (`pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,9 @@ from selfsup.data import (  # noqa: E402
     DEMO_ROOT,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DEBIAN,
+    ArrayDataset,
     ImageDataset,
+    fashion_mnist_root,
     find_samples,
     load_fashion_mnist,
     load_image,
@@ -52,7 +54,6 @@ from selfsup.data import (  # noqa: E402
 )
 from selfsup.knn import extract_features, make_eval_loader  # noqa: E402
 from selfsup.networks import ARCHS  # noqa: E402
-from selfsup.presets import to_rgb  # noqa: E402
 from selfsup.probe import build_probe, eval_transform, load_pretrained  # noqa: E402
 
 QUERY_COLOUR, SAME_COLOUR, OTHER_COLOUR = "#1f4fa8", "#1a9641", "#d7191c"
@@ -78,20 +79,6 @@ class Split:
     key: str  # equal keys: the same images (the query is then excluded from its own neighbours)
 
 
-class ArrayImages(Dataset):
-    """uint8 N x H x W grey images (Fashion-MNIST idx arrays) as ImageDataset gives its items:
-    (transform(RGB PIL image), label, 0) - the same path as the PNGs of the demo folder."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(to_rgb(Image.fromarray(self.images[i]))), int(self.labels[i]), 0
-
-
 def folder_split(root: str | Path, split: str, transform: Callable) -> Split:
     """ROOT/split (or ROOT itself when it has no such folder) as a labelled Split."""
     folder = resolve_split_dir(root, split)
@@ -109,7 +96,8 @@ def fashion_mnist_split(root: str | Path, split: str, transform: Callable) -> Sp
         raise ValueError(f"Fashion-MNIST has the splits train and val (= test), not '{split}'")
     part = "train" if split == "train" else "test"
     images, labels = load_fashion_mnist(root, part)
-    return Split(f"Fashion-MNIST {part} ({root})", ArrayImages(images, labels, transform), labels.tolist(),
+    dataset = ArrayDataset(images, labels, transform, FASHION_MNIST_CLASSES, f"{root}/{part}")
+    return Split(f"Fashion-MNIST {part} ({root})", dataset, labels.tolist(),
                  list(FASHION_MNIST_CLASSES), lambda i: images[i], f"fashion-mnist:{part}")
 
 
@@ -279,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{arch} from {args.pretrained}"
         image_size = args.image_size or image_size or 224
         transform = eval_transform(image_size)
-        if args.fashion_mnist is not None:
-            query = fashion_mnist_split(args.fashion_mnist, args.split, transform)
-            bank = fashion_mnist_split(args.fashion_mnist, args.bank_split, transform)
+        fmnist = args.fashion_mnist or fashion_mnist_root(args.data)  # DATA may name the idx files too
+        if fmnist is not None:
+            query = fashion_mnist_split(fmnist, args.split, transform)
+            bank = fashion_mnist_split(fmnist, args.bank_split, transform)
         else:
             root = args.data or DEMO_ROOT
             query = folder_split(root, args.split, transform)
