@@ -57,8 +57,6 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     error = None
     try:
         local_batch = per_process_batch(args.batch_size, dist_info.world_size)
-        if min(args.k) < 1 or args.temperature <= 0:
-            raise UsageError(f"--k must be >= 1 and --temperature > 0 (got {args.k}, {args.temperature})")
         if dist_info.is_main:
             check_writable(args.output_dir)
         pretrained = load_pretrained(args.pretrained, args.arch)
@@ -111,6 +109,7 @@ def cli(argv: list[str] | None = None) -> int:
         check_numbers(args, positive=("batch_size", "k", "temperature", "image_size"), non_negative=("workers",))
     except UsageError as e:
         return report(e)
+    args.k = list(dict.fromkeys(args.k))  # --k 200 200: one row
     args.demo = args.data is None
     if args.demo:
         args.data = str(DEMO_ROOT)

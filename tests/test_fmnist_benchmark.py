@@ -62,7 +62,10 @@ def test_the_benchmark_runs_the_users_commands_and_writes_its_results(fmnist, tm
     commands = (out / "simclr" / "commands.txt").read_text()
     for script in ("main_pretrain.py", "main_knn.py", "main_lincls.py"):
         assert f"python {script}" in commands
-    assert "| SimCLR | 2 |" in (out / "results.md").read_text()
+    assert "| SimCLR | 2 |" in (results / "results.md").read_text()
+    # The linear protocol is pinned on the command line, not filled from SimCLR's (Nesterov).
+    lincls = [c for c in commands.splitlines() if "main_lincls.py" in c]
+    assert len(lincls) == 2 and all("--no-nesterov" in c and "--wd 0" in c for c in lincls)
 
 
 def test_naming_fashion_mnist_without_its_files_says_how_to_get_them(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@
 import importlib.util
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,18 @@ def test_fashion_mnist_idx_files(tmp_path, capsys):
     assert "Fashion-MNIST test" in printed
     printed_fraction(printed)
     check_png(out, 3, 5)
+
+
+def test_unreadable_files_are_left_out_before_positions_are_taken(tmp_path):
+    # The features leave unreadable files out; the split's labels and pictures must too, or a
+    # neighbour's position would name another image (or run past the end).
+    root = make_image_folder(tmp_path / "data" / "train", classes=2, per_class=3, size=SIZE)
+    (root / "class0" / "c0_001.png").write_bytes(b"not a png")
+    split = sn.folder_split(tmp_path / "data", "train", sn.eval_transform(SIZE))
+    assert [Path(f).name for f, _ in split.dataset.samples] == ["c0_000.png", "c0_002.png", "c1_000.png",
+                                                                "c1_001.png", "c1_002.png"]
+    assert split.labels == [0, 0, 1, 1, 1]
+    assert all(split.image(i).shape == (SIZE, SIZE, 3) for i in range(len(split.labels)))
 
 
 def test_bad_input_is_one_message(data, tmp_path, capsys):

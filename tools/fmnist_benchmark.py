@@ -12,8 +12,10 @@ For each method, the commands a user types (logged in OUT/<method>/commands.txt)
      (selfsup/recipes.py), with the online kNN after every epoch on a fixed subset;
   2. main_knn.py DATA --pretrained CKPT --k 200 -t 0.1 (and -t 0.07): the 60k training images as
      the bank, the 10k test images as queries;
-  3. main_lincls.py DATA --pretrained CKPT --train-aug none --feature-bn --epochs 50 --cos --lr 0.1:
-     a linear classifier on frozen, standardised features, the same protocol for every row.
+  3. main_lincls.py DATA --pretrained CKPT --train-aug none --feature-bn --optimizer sgd --no-nesterov
+     --wd 0 --epochs 50 --cos --lr 0.1: a linear classifier on frozen, standardised features, the
+     same protocol for every row and every method (every flag of the protocol given, so none is
+     filled from the checkpoint's method).
 
 Baselines, measured in the same run: the same network randomly initialised (the model as
 main_pretrain.py builds it with the same seed, saved before any step, through steps 2 and 3) and
@@ -24,6 +26,9 @@ dataset-fashion-mnist`; torchvision's FashionMNIST folder works too). Results: O
 runs) and RESULTS/results_<method>.json (--results-dir, default docs/fmnist) with the keys
 pretrained / random_init / raw_pixels, each {knn_t0.1, knn_t0.07, linear}, the epochs, the
 minutes, the online kNN per epoch, the machine and the commands.
+
+Run again into the same OUT, a finished pretraining is kept (main_pretrain.py resumes it, or
+extends it with a larger --epochs) and the evaluations are made afresh.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +75,10 @@ def jsonl(path: Path) -> list[dict]:
 
 def evaluate(ckpt: Path, data: str, out: Path, common: list[str], env: dict, commands: list[str],
              batch: int) -> dict:
-    """main_knn.py at both temperatures and main_lincls.py on the backbone of `ckpt`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """main_knn.py at both temperatures and main_lincls.py on the backbone of `ckpt`. `out` is
+    made afresh: a classifier left by an earlier run belongs to another backbone."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     figures = {}
     for t in KNN_TEMPERATURES:
         folder = out / f"knn-t{t}"
@@ -80,8 +88,9 @@ def evaluate(ckpt: Path, data: str, out: Path, common: list[str], env: dict, com
         run(cmd, out / f"knn-t{t}.log", env)
         figures[f"knn_t{t}"] = jsonl(folder / "metrics.jsonl")[-1]["top1"]
     folder = out / "lincls"
-    cmd = ["main_lincls.py", data, "--pretrained", str(ckpt), "--train-aug", "none", "--feature-bn", "--cos",
-           "--epochs", str(LINEAR["epochs"]), "--lr", str(LINEAR["lr"]), "-b", str(batch),
+    cmd = ["main_lincls.py", data, "--pretrained", str(ckpt), "--train-aug", "none", "--feature-bn",
+           "--optimizer", "sgd", "--no-nesterov", "--wd", "0", "--cos", "--epochs", str(LINEAR["epochs"]),
+           "--lr", str(LINEAR["lr"]), "-b", str(batch),
            "--output-dir", str(folder), *common]
     commands.append(" ".join(cmd))
     run(cmd, out / "lincls.log", env)
@@ -177,20 +186,29 @@ def cpu_name() -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| method | epochs | pretrain min | kNN T=0.1 | kNN T=0.07 | linear | vs best baseline (kNN / linear) |",
-            "|---|---|---|---|---|---|---|"]
+    """The README's table: each method against its own random-init network (built as its run built
+    it) and raw pixels, the differences to the better of the two."""
+    rows = ["| method | epochs | pretrain min | kNN T=0.1 | kNN T=0.07 | linear | random init kNN / linear "
+            "| vs better baseline: kNN / linear |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        p = r["pretrained"]
-        best_knn = max(r["random_init"]["knn_t0.1"], r["raw_pixels"]["knn_t0.1"])
-        best_lin = max(r["random_init"]["linear"], r["raw_pixels"]["linear"])
+        p, ri = r["pretrained"], r["random_init"]
+        best_knn = max(ri["knn_t0.1"], r["raw_pixels"]["knn_t0.1"])
+        best_lin = max(ri["linear"], r["raw_pixels"]["linear"])
         rows.append(f"| {r['name']} | {r['epochs']} | {r['pretrain_min']:.1f} | {p['knn_t0.1']:.2f} | "
-                    f"{p['knn_t0.07']:.2f} | {p['linear']:.2f} | {p['knn_t0.1'] - best_knn:+.2f} / "
-                    f"{p['linear'] - best_lin:+.2f} |")
+                    f"{p['knn_t0.07']:.2f} | {p['linear']:.2f} | {ri['knn_t0.1']:.2f} / {ri['linear']:.2f} | "
+                    f"{p['knn_t0.1'] - best_knn:+.2f} / {p['linear'] - best_lin:+.2f} |")
     if results:
-        for key, name in (("random_init", "random init"), ("raw_pixels", "raw pixels")):
-            b = results[0][key]
-            rows.append(f"| *{name}* | - | - | {b['knn_t0.1']:.2f} | {b['knn_t0.07']:.2f} | {b['linear']:.2f} | |")
+        b = results[0]["raw_pixels"]
+        rows.append(f"| *raw pixels* | - | - | {b['knn_t0.1']:.2f} | {b['knn_t0.07']:.2f} | {b['linear']:.2f} | | |")
     return "\n".join(rows)
+
+
+def write_table(results_dir: Path) -> str:
+    """RESULTS/results.md from every results_<method>.json there (runs of one method at a time add up)."""
+    results = [json.loads(f.read_text()) for m in METHODS if (f := results_dir / f"results_{m}.json").exists()]
+    text = table(results)
+    (results_dir / "results.md").write_text(text + "\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,25 +222,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--workers", default=None, type=int, help="loader workers of every command")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
-                   help="more flags for main_pretrain.py (recipe experiments), after everything else")
+                   help="more flags for main_pretrain.py (recipe experiments); give it last: every "
+                   "word after it goes to main_pretrain.py, before -j and --device")
     args = p.parse_args(argv)
-    data = fashion_mnist_root(args.data)
+    # The scripts run with the repository as their working directory: every path made absolute here.
+    args.out, args.results_dir = str(Path(args.out).resolve()), str(Path(args.results_dir).resolve())
+    try:
+        data = fashion_mnist_root(args.data)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if data is None:
         print(f"error: no Fashion-MNIST idx files in {args.data}", file=sys.stderr)
         return 2
+    data = data.resolve()
     methods = list(METHODS) if args.method == "all" else [args.method]
     batch = min(LINEAR["batch_size"], len(load_fashion_mnist(data, "train")[1]))  # tiny test sets: one batch
     print("raw pixels baseline", flush=True)
     raw = raw_pixels(data, args.seed, batch)
-    results = []
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     for method in methods:
         result = benchmark(method, args, data, raw, batch)
-        results.append(result)
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.results_dir) / f"results_{method}.json").write_text(json.dumps(result, indent=1))
+        (results_dir / f"results_{method}.json").write_text(json.dumps(result, indent=1))
         print(table([result]), flush=True)
-    print(table(results))
-    (Path(args.out) / "results.md").write_text(table(results) + "\n")
+    print(f"{results_dir / 'results.md'}:")
+    print(write_table(results_dir))
     return 0
 
 

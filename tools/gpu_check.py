@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device here; use --dry-run to exercise the command on the CPU", file=sys.stderr)
         return 2
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the parts' commands run in the repository
+    if args.fashion_mnist and Path(args.fashion_mnist).exists():
+        args.fashion_mnist = str(Path(args.fashion_mnist).resolve())
     out.mkdir(parents=True, exist_ok=True)
     try:
         env = environment(device)

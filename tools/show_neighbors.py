@@ -54,7 +54,8 @@ from selfsup.data import (  # noqa: E402
 )
 from selfsup.knn import extract_features, make_eval_loader  # noqa: E402
 from selfsup.networks import ARCHS  # noqa: E402
-from selfsup.probe import build_probe, eval_transform, load_pretrained  # noqa: E402
+from selfsup.distributed import DistInfo  # noqa: E402
+from selfsup.probe import build_probe, eval_transform, load_pretrained, readable  # noqa: E402
 
 QUERY_COLOUR, SAME_COLOUR, OTHER_COLOUR = "#1f4fa8", "#1a9641", "#d7191c"
 # Figure layout, in inches: an image cell, the gap after the query column (in cells), a cell's
@@ -85,9 +86,10 @@ def folder_split(root: str | Path, split: str, transform: Callable) -> Split:
     samples, classes = find_samples(folder)
     if not classes:
         raise ValueError(f"'{folder}' holds images but no class folders; show_neighbors colours neighbours by class")
-    dataset = ImageDataset(samples, transform, classes)
+    # Unreadable files left out first (and reported): positions in the features are then positions here.
+    dataset = readable(ImageDataset(samples, transform, classes), str(folder), DistInfo())
     return Split(str(folder), dataset, dataset.targets, list(classes),
-                 lambda i: np.asarray(load_image(samples[i][0])), str(folder.resolve()))
+                 lambda i: np.asarray(load_image(dataset.samples[i][0])), str(folder.resolve()))
 
 
 def fashion_mnist_split(root: str | Path, split: str, transform: Callable) -> Split:
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{arch} from {args.pretrained}"
         image_size = args.image_size or image_size or 224
         transform = eval_transform(image_size)
-        fmnist = args.fashion_mnist or fashion_mnist_root(args.data)  # DATA may name the idx files too
+        fmnist = fashion_mnist_root(args.fashion_mnist or args.data)  # DATA may name the idx files too
+        if args.fashion_mnist is not None and fmnist is None:
+            raise FileNotFoundError(f"no Fashion-MNIST idx files in {args.fashion_mnist}")
         if fmnist is not None:
             query = fashion_mnist_split(fmnist, args.split, transform)
             bank = fashion_mnist_split(fmnist, args.bank_split, transform)

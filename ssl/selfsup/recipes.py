@@ -77,22 +77,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 5% warmup and a cosine decay over the planned epochs. BYOL and SimCLR take solo-learn's CIFAR
 # optimiser (LARS with trust coefficient 0.02, lr 1.0 / 0.4 x B/256, wd 1e-5): with the papers'
 # 0.001 a step moves a weight by lr x 0.1% of its norm, too little for a few thousand steps.
-# Measured on Fashion-MNIST (README, "Does it learn?"; tools/fmnist_benchmark.py); the papers'
-# recipes above stay as they are.
+# What they reach on Fashion-MNIST in 10 epochs: README, "Does it learn?" (tools/fmnist_benchmark.py).
+# The papers' recipes above stay as they are.
 _SMALL = {"arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 10, "batch_size": 128, "cos": True,
           "warmup_epochs": 0.5}
 PRESETS.update({
     "small-moco": {**_SMALL, "method": "moco", "lr_per_256": 0.06, "wd": 5e-4, "moco_dim": 128, "moco_k": 8192,
                    "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2", "bn_splits": 8,
-                   "source": "MoCo v2 scaled to 60k images and a few thousand steps (measured)",
+                   "source": "MoCo v2 scaled to 60k images and a few thousand steps (lr, K, m, T chosen by measurement)",
                    "reported": "see README, Does it learn?"},
     "small-byol": {**_SMALL, "method": "byol", "lr_per_256": 1.0, "optimizer": "lars", "lars_eta": 0.02, "wd": 1e-5,
                    "moco_dim": 128, "mlp_dim": 1024, "moco_m": 0.99, "moco_m_cos": True, "aug": "byol",
-                   "source": "BYOL scaled to 60k images and a few thousand steps (measured)",
+                   "source": "BYOL with solo-learn's CIFAR optimiser (LARS, eta 0.02), at batch 128",
                    "reported": "see README, Does it learn?"},
     "small-simclr": {**_SMALL, "method": "simclr", "lr_per_256": 0.4, "optimizer": "lars", "lars_eta": 0.02, "wd": 1e-5,
                      "moco_dim": 128, "mlp_dim": 1024, "moco_t": 0.2, "aug": "simclr",
-                     "source": "SimCLR scaled to 60k images and a few thousand steps (measured)",
+                     "source": "SimCLR with solo-learn's CIFAR optimiser (LARS, eta 0.02), at batch 128",
                      "reported": "see README, Does it learn?"},
 })
 
