@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MoCo's Detectron2 fine-tuning, for users who have Detectron2 (it is not on PyPI).
 
-    python detection/convert_to_detectron2.py runs/moco-resnet50/checkpoint.pth.tar moco_r50.pkl
+    python detection/convert_to_detectron2.py runs/moco-resnet50-imagenet/checkpoint.pth.tar moco_r50.pkl
     python detection/train_net.py --config-file detection/configs/voc_R_50_C4_24k_moco.yaml \\
         --num-gpus 8 MODEL.WEIGHTS ./moco_r50.pkl OUTPUT_DIR runs/d2-voc-moco
 

@@ -3,7 +3,7 @@
 
     # MoCo's VOC recipe (R50-C4, SyncBN, VOC07+12 trainval, 24k iterations, batch 16) on 8 GPUs:
     torchrun --nproc_per_node=8 detection/train_torchvision.py --recipe voc \\
-        --pretrained runs/moco-resnet50/checkpoint.pth.tar --output-dir runs/det-voc-moco
+        --pretrained runs/moco-resnet50-imagenet/checkpoint.pth.tar --output-dir runs/det-voc-moco
     # COCO, 1x schedule, the R50-FPN head instead of C4:
     torchrun --nproc_per_node=8 detection/train_torchvision.py --recipe coco_1x --head fpn \\
         --pretrained moco_v2_800ep_pretrain.pth.tar --output-dir runs/det-coco-fpn
