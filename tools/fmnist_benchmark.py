@@ -27,8 +27,10 @@ runs) and RESULTS/results_<method>.json (--results-dir, default docs/fmnist) wit
 pretrained / random_init / raw_pixels, each {knn_t0.1, knn_t0.07, linear}, the epochs, the
 minutes, the online kNN per epoch, the machine and the commands.
 
-Run again into the same OUT, a finished pretraining is kept (main_pretrain.py resumes it, or
-extends it with a larger --epochs) and the evaluations are made afresh.
+Run again into the same OUT with the same flags, a finished pretraining is kept (main_pretrain.py
+finds nothing to do; the JSON's wall_min then counts the evaluations only) and the evaluations are
+made afresh. A larger --epochs continues that run under a schedule planned for the new total,
+which is not the same as a run planned for it from the start: use a fresh OUT for a new budget.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
     print(f"{NAMES[method]}: pretraining {args.epochs} epochs ({preset}) -> {pretrain}", flush=True)
     run(cmd, out / "pretrain.log", env)
     cfg = json.loads((pretrain / "args.json").read_text())  # the recipe as main_pretrain.py resolved it
-    records = jsonl(pretrain / "metrics.jsonl")
+    # The last record of each epoch: a run resumed mid-epoch logs that epoch again.
+    records = sorted({r["epoch"]: r for r in jsonl(pretrain / "metrics.jsonl") if "epoch" in r}.values(),
+                     key=lambda r: r["epoch"])
     print(f"{NAMES[method]}: evaluating", flush=True)
     pretrained = evaluate(pretrain / "checkpoint.pth.tar", str(data), out / "pretrained", common, env, commands, batch)
     ckpt = random_init_checkpoint(method, cfg, args.seed, out / "random_init.pth.tar")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = data.resolve()
     methods = list(METHODS) if args.method == "all" else [args.method]
-    batch = min(LINEAR["batch_size"], len(load_fashion_mnist(data, "train")[1]))  # tiny test sets: one batch
+    batch = min(LINEAR["batch_size"], len(load_fashion_mnist(data, "train")[1]))  # tiny training sets: one batch
     print("raw pixels baseline", flush=True)
     raw = raw_pixels(data, args.seed, batch)
     results_dir = Path(args.results_dir)

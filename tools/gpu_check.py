@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import benchmark  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
+from selfsup.data import FASHION_MNIST_NAME  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
 from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
     out = Path(args.out).resolve()  # the parts' commands run in the repository
-    if args.fashion_mnist and Path(args.fashion_mnist).exists():
+    if args.fashion_mnist and args.fashion_mnist != FASHION_MNIST_NAME and Path(args.fashion_mnist).exists():
         args.fashion_mnist = str(Path(args.fashion_mnist).resolve())
     out.mkdir(parents=True, exist_ok=True)
     try:
