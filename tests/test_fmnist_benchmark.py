@@ -1,11 +1,12 @@
 """Fashion-MNIST as the scripts' data, and the benchmark that runs them, on generated idx files
 (a few hundred images: the plumbing, not a quality claim)."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
-from helpers import fake_fashion_mnist, run_script
+from helpers import REPO, fake_fashion_mnist, run_script
 
 import main_knn
 import main_lincls
@@ -72,3 +73,21 @@ def test_naming_fashion_mnist_without_its_files_says_how_to_get_them(tmp_path, m
     monkeypatch.setattr("selfsup.data.FASHION_MNIST_DEBIAN", str(tmp_path / "absent"))
     assert main_pretrain.cli(["fashion-mnist", "--epochs", "1"]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_the_table_warns_when_its_files_come_from_different_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("fmnist_benchmark", REPO / "tools" / "fmnist_benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = {"knn_t0.1": 80.0, "knn_t0.07": 80.0, "linear": 85.0}
+    for method, epochs in (("moco", 10), ("simclr", 10)):
+        (tmp_path / f"results_{method}.json").write_text(json.dumps({
+            "method": method, "name": method, "epochs": epochs, "pretrain_min": 1.0, "pretrained": rows,
+            "random_init": rows, "raw_pixels": rows, "environment": {"cpu": "X", "device": "cpu"}}))
+    tool.write_table(tmp_path)
+    assert "warning" not in capsys.readouterr().err
+    assert (tmp_path / "results.md").read_text().count("| +0.00 / +0.00 |") == 2
+    data = json.loads((tmp_path / "results_simclr.json").read_text())
+    (tmp_path / "results_simclr.json").write_text(json.dumps({**data, "epochs": 100}))
+    tool.write_table(tmp_path)
+    assert "different epochs" in capsys.readouterr().err

@@ -210,6 +210,13 @@ def table(results: list[dict]) -> str:
 def write_table(results_dir: Path) -> str:
     """RESULTS/results.md from every results_<method>.json there (runs of one method at a time add up)."""
     results = [json.loads(f.read_text()) for m in METHODS if (f := results_dir / f"results_{m}.json").exists()]
+    # Files left by other runs would share a table with this one: say so rather than mix them silently.
+    runs = {(r["epochs"], r["environment"]["cpu"], r["environment"]["device"], r["raw_pixels"]["linear"])
+            for r in results}
+    if len(runs) > 1:
+        print(f"warning: the results in {results_dir} come from runs with different epochs, machines or data: "
+              + "; ".join(f"{r['method']}: {r['epochs']} epochs on {r['environment']['cpu']} "
+                          f"({r['environment']['device']})" for r in results), file=sys.stderr)
     text = table(results)
     (results_dir / "results.md").write_text(text + "\n")
     return text
