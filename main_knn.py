@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
+
 from selfsup.checkpoint import check_writable
 from selfsup.cli import (INPUT_ERRORS, UsageError, agree_on_error, check_numbers, default_output_dir,
                          default_workers, per_process_batch, report)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
+
 from selfsup.checkpoint import check_writable, load_checkpoint
 from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers,
                          default_output_dir, launch, per_process_batch, write_args)

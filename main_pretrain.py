@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
+
 from selfsup import recipes
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
+
 from selfsup.checkpoint import (
     CheckpointError,
     backbone_prefix,

@@ -29,6 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 import torch  # noqa: E402
 
 from detection import datasets as det_data  # noqa: E402

@@ -44,6 +44,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
+
 from selfsup.augment import TwoViewAugment  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.crops import TwoCropsDataset  # noqa: E402

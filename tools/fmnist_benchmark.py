@@ -47,6 +47,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
+
 from selfsup import recipes
 from selfsup.builder import build_model
 from selfsup.checkpoint import save_atomic

@@ -48,11 +48,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import selfsup  # noqa: F401
-except ImportError:  # a machine where the project is not pip-installed
-    sys.path.insert(0, str(REPO / "ssl"))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 import benchmark  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402

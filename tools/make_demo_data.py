@@ -11,10 +11,14 @@ reproduces the committed files byte for byte.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
+
 from selfsup.data import DEMO_ROOT, FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
 
 

@@ -39,6 +39,9 @@ from torch.utils.data import Dataset, Subset
 
 REPO = Path(__file__).resolve().parents[1]
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
+import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
+
 from selfsup.checkpoint import CheckpointError  # noqa: E402
 from selfsup.data import (  # noqa: E402
     DEMO_ROOT,
