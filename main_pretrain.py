@@ -31,7 +31,7 @@ from selfsup.checkpoint import check_writable
 from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers, launch,
                          per_process_batch, report, write_args, write_json)
 from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
-from selfsup.distributed import DistInfo, add_device_args, run_in_process_group, wrap_ddp
+from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
@@ -139,7 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the networks (skipped with a warning where unsupported)")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
+                   help="deterministic kernels (cuDNN; otherwise its autotuner is on); on CPU runs are deterministic already")
     return p
 
 
@@ -189,9 +189,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
     args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.recipes.run_definition)
-    if args.deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
                         **METHODS[args.method].options(vars(args)))
