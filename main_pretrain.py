@@ -116,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="continue the run in OUTPUT_DIR although data or hyperparameters changed (refused otherwise)")
     g.add_argument("--start-epoch", default=None, type=int, help="manual epoch number (useful on restarts)")
     g.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
+    g.add_argument("--save-every-epochs", default=1, type=int,
+                   help="write the checkpoint every N epochs and after the last (default: 1; a stop always writes one)")
     g.add_argument("--save-every-steps", default=0, type=int,
                    help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
     g = p.add_argument_group("monitoring")
@@ -166,7 +168,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.output_dir = out.output_dir or recipes.default_output_dir(out.method, out.arch, out.data)
     out.data = str(DEMO_ROOT) if demo else out.data
     check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
-                                 "bn_splits", "print_freq", "save_freq", "knn_k", "knn_t", "knn_subset", "lars_eta"),
+                                 "bn_splits", "print_freq", "save_freq", "save_every_epochs", "knn_k", "knn_t", "knn_subset", "lars_eta"),
                   non_negative=("workers", "wd", "momentum", "warmup_epochs", "save_every_steps", "knn_every",
                                 "start_epoch", "schedule"), fractions=("moco_m",))
     return out
@@ -269,7 +271,8 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
         return fit(wrap_ddp(model, dist_info, sync_buffers=False), optimizer, scaler, pipeline, ctx,
                    Checkpointer(output_dir, dist_info, state), metrics, start_epoch=start["epoch"],
                    start_step=start["step"], meter_state=start["meters"], monitor=monitor, knn_every=args.knn_every,
-                   save_freq=args.save_freq, save_every_steps=args.save_every_steps)
+                   save_freq=args.save_freq, save_every_steps=args.save_every_steps,
+                   save_every_epochs=args.save_every_epochs)
     finally:
         metrics.close()
 

@@ -88,6 +88,17 @@ def test_kill_and_resume_is_bitwise_identical_one_process(folder, tmp_path, refe
     assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
 
 
+def test_save_every_epochs_writes_the_checkpoint_that_often_and_after_the_last(folder, tmp_path):
+    out = tmp_path / "run"
+    args = [str(folder), *RUN, "--epochs", "3", "-j", "0", "--save-every-epochs", "2", "--output-dir", str(out)]
+    assert inject("kill:5", args).returncode == 137  # in epoch 1: only epoch 0 has ended, no checkpoint yet
+    assert not (out / "checkpoint.pth.tar").exists()
+    assert inject("kill:8", args).returncode == 137  # in epoch 2: the checkpoint of epoch 1's end
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 6
+    assert run_script(["main_pretrain.py", *args]).returncode == 0
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 9
+
+
 def test_torchrun_restart_after_a_killed_worker_resumes_bitwise(folder, tmp_path, reference_2proc):
     out = tmp_path / "run"
     args = ["tests/fault_inject.py", str(folder), *RUN, "-j", "1", "--save-every-steps", "1", "--output-dir", str(out)]
