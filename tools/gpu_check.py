@@ -57,7 +57,7 @@ import benchmark  # noqa: E402
 from fmnist_benchmark import NAMES as METHOD_NAMES  # noqa: E402
 from selfsup import recipes  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
-from selfsup.data import FASHION_MNIST_NAME, fashion_mnist_root, load_fashion_mnist  # noqa: E402
+from selfsup.data import FASHION_MNIST_NAME, fashion_mnist_root, load_fashion_mnist, write_idx  # noqa: E402
 from selfsup.distributed import DistInfo, configure_kernels  # noqa: E402
 from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
 from selfsup.methods import METHODS  # noqa: E402
@@ -277,6 +277,8 @@ def learn(checks: Checks, out: Path, data: str | None, device: torch.device, dry
         checks.add("learn", "Fashion-MNIST", "SKIP", detail="no --fashion-mnist DIR given")
         return {}
     t_part = time.perf_counter()
+    if dry_run:  # a few hundred images: the whole chain of commands, in seconds on a CPU
+        data = str(subset_fashion_mnist(data, out / "learn-data", 320, 100))
     plan = plan_learn(data, device, budget - 5 * len(learn_methods()), dry_run)  # the calibration's own time
     print("learn plan: " + "; ".join(f"{METHOD_NAMES.get(p['method'], p['method'])} {p['steps']} steps = "
                                      f"{p['epochs']} epochs x {p['steps_per_epoch']} at batch {p['batch_size']} "
@@ -308,6 +310,17 @@ def learn(checks: Checks, out: Path, data: str | None, device: torch.device, dry
                    f"{row['margin_knn']:+.2f} / {row['margin_linear']:+.2f}"
                    + (f" (target +{LEARN_MARGIN:g}: {', '.join(short)})" if short and not dry_run else ""))
     return figures
+
+
+def subset_fashion_mnist(data: str, folder: Path, n_train: int, n_test: int) -> Path:
+    """The first images of each Fashion-MNIST split as idx files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = fashion_mnist_root(data)
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x, y = load_fashion_mnist(root, split)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", x[:n])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", y[:n])
+    return folder
 
 
 def learn_row(r: dict) -> dict:
