@@ -199,9 +199,13 @@ def test_mixed_precision_steps_stay_finite_and_close_to_fp32(method, amp):
 
 
 def test_channels_last_gives_the_same_step():
+    # On the CPU in float64: on an AVX2 CPU, oneDNN's float32 channels_last kernels under split BN
+    # gave conv1 gradients 0.4-1% away from the contiguous ones, while in float64 the two agree to
+    # 1e-13 - the kernels' rounding, not the layout logic this test is about. The GPU runs float32.
+    dtype = torch.float32 if ON_GPU else torch.float64
     torch.manual_seed(0)
-    model = build_model("moco", "resnet18", dim=32, K=256, mlp=True, T=0.2, bn_splits=4).to(DEVICE)
-    x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE)
+    model = build_model("moco", "resnet18", dim=32, K=256, mlp=True, T=0.2, bn_splits=4).to(DEVICE, dtype)
+    x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE, dtype=dtype)
     grads = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         m = copy.deepcopy(model).to(memory_format=fmt)
