@@ -29,19 +29,20 @@ import torch
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
+from selfsup.backbones import ARCHS
 from selfsup.checkpoint import check_writable, load_checkpoint
-from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers,
-                         default_output_dir, launch, per_process_batch, write_args)
+from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
+                         per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
+from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
 from selfsup.meters import MetricsWriter, setup_logging
-from selfsup.networks import ARCHS
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
                            load_pretrained, readable, train_transform)
-from selfsup.recipes import linear_protocol
+from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol
 from selfsup.resume import restore_run_state
 from selfsup.sampler import ResumableDistributedSampler
 
@@ -109,7 +110,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.train_aug = args.train_aug or ("none" if out.demo else "standard")
     if out.output_dir is None:
         if out.pretrained:
-            out.output_dir = str(default_output_dir(out.pretrained, "lincls"))
+            out.output_dir = str(evaluation_folder(out.pretrained, "lincls"))
         else:
             arch = out.arch or ("resnet18" if out.demo else "resnet50")
             out.output_dir = os.path.join("runs", f"lincls-{arch}-random-init" + ("-demo" if out.demo else ""))
@@ -133,10 +134,6 @@ class Setup:
     start_epoch: int
     best_acc1: float
     resumed_from: Path | None
-
-
-# The optimisation flags a method's linear protocol fills (selfsup.recipes.LINEAR).
-PROTOCOL_FLAGS = ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epochs")
 
 
 def classifier_checkpoint_path(args: argparse.Namespace) -> Path | None:

@@ -36,13 +36,15 @@ from detection import datasets as det_data  # noqa: E402
 from detection.engine import Schedule, batch_stream, precise_bn, train_iterations  # noqa: E402
 from detection.evaluation import evaluate, run_inference, summary  # noqa: E402
 from detection.models import HEADS, NORMS, DetectorConfig, build_detector, build_resnet, check_norm, norm_parameters  # noqa: E402
-from selfsup import recipes  # noqa: E402
-from selfsup.checkpoint import check_writable, load_checkpoint, save_atomic  # noqa: E402
-from selfsup.cli import INPUT_ERRORS, UsageError, agree_on_error, per_process_batch, plain_args, report, write_args  # noqa: E402
+from detection.recipes import DETECTION, fill_unset  # noqa: E402
+from selfsup.backbones.resnet import ARCHS  # noqa: E402  (detection transfer is for ResNets)
+from selfsup.checkpoint import check_writable, load_checkpoint, plain_args, save_atomic  # noqa: E402
+from selfsup.cli import agree_on_error, per_process_batch, report, write_args  # noqa: E402
 from selfsup.data import training_loader  # noqa: E402
 from selfsup.distributed import DistInfo, add_device_args, barrier, run_in_process_group, wrap_ddp  # noqa: E402
+from selfsup.errors import INPUT_ERRORS, UsageError  # noqa: E402
 from selfsup.meters import MetricsWriter, setup_logging  # noqa: E402
-from selfsup.networks import ARCHS, unwrap  # noqa: E402
+from selfsup.networks import unwrap  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
 from selfsup.resume import Checkpointer, check_same_run, claim_fresh_folder, differences, restore_run_state, run_state  # noqa: E402
 from selfsup.sampler import ResumableDistributedSampler  # noqa: E402
@@ -52,7 +54,7 @@ logger = logging.getLogger("train_torchvision")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Detection fine-tuning (torchvision)", add_help=False)
-    p.add_argument("--recipe", choices=list(recipes.DETECTION), default="voc",
+    p.add_argument("--recipe", choices=list(DETECTION), default="voc",
                    help="defaults for everything below: MoCo's voc / coco_1x / coco_2x recipes, or the CPU demo")
     init = p.add_mutually_exclusive_group()
     init.add_argument("--pretrained", metavar="PATH", help="pretraining checkpoint (this project, MoCo, torchvision)")
@@ -140,10 +142,10 @@ def run_definition(args: argparse.Namespace) -> dict:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset flags from the recipe (selfsup.recipes.DETECTION)."""
+    """Fill unset flags from the recipe (detection.recipes.DETECTION)."""
     if args.no_resume and args.resume:
         raise UsageError("--no-resume starts afresh, --resume continues a checkpoint: give one of them")
-    out = recipes.fill_unset(args, recipes.DETECTION[args.recipe])
+    out = fill_unset(args, DETECTION[args.recipe])
     if out.output_dir is None:
         out.output_dir = str(Path("runs") / f"det-{args.recipe}-{out.head}-{backbone_name(args)}")
     if out.steps and any(s >= out.max_iter for s in out.steps):

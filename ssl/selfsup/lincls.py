@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import Features
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .cli import UsageError
+from .errors import UsageError
 from .data import training_loader
 from .distributed import DistInfo, all_reduce_sum, get_rank, wrap_ddp
 from .knn import extract_features, make_eval_loader
@@ -259,9 +260,10 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
             fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples)
                            for name, ds in (("train", train_ds), ("val", val_ds))}
         cache = {name: output_dir / f"features_{name}.pth" for name in fingerprint}  # empty without save_features
-        train_feats, train_labels = load_or_extract_features(probe.backbone, train_loader, device, cache.get("train"),
+        trunk = Features(probe.backbone)
+        train_feats, train_labels = load_or_extract_features(trunk, train_loader, device, cache.get("train"),
                                                              fingerprint.get("train", ""))
-        val_feats, val_labels = load_or_extract_features(probe.backbone, val_loader, device, cache.get("val"),
+        val_feats, val_labels = load_or_extract_features(trunk, val_loader, device, cache.get("val"),
                                                          fingerprint.get("val", ""))
         extract_s = time.perf_counter() - t0
         logger.info("features of %d + %d images (%d dims) ready in %.1fs", train_feats.shape[0], val_feats.shape[0],
@@ -342,13 +344,14 @@ def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args,
                      best_acc1: float, val: dict, arch: str, small_stem: bool, image_size: int, classes: list[str],
                      pretrained: str | None) -> dict:
     """A classifier checkpoint, in plain types (loads with weights_only=True). `state_dict` keys are
-    torchvision names with the DDP prefix, as MoCo's classifier checkpoints; its backbone part
+    the backbone family's names (torchvision's for a ResNet) with the DDP prefix, as MoCo's
+    classifier checkpoints; its backbone part
     feeds --pretrained too. `epoch` is the next epoch to train."""
     return {
         "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "small_stem": small_stem, "image_size": image_size,
         "feature_bn": isinstance(probe.norm, nn.BatchNorm1d),
         "num_classes": len(classes), "classes": list(classes),
-        "state_dict": {f"module.{k}": v for k, v in probe.resnet_state_dict().items()},
+        "state_dict": {f"module.{k}": v for k, v in probe.classifier_state_dict().items()},
         "best_acc1": best_acc1, "val": dict(val), "pretrained": pretrained,
         **run_state(optimizer, args, dist),
     }
@@ -366,7 +369,7 @@ def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str,
     if problems:
         raise UsageError(f"'{path}' was trained in another setting: {', '.join(problems)}. Use a new --output-dir.")
     try:
-        probe.load_resnet_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        probe.load_classifier_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:
         raise UsageError(f"'{path}' does not fit this model: {str(e).splitlines()[0]}") from e
     changed = changed_backbone_keys(probe, pretrained.weights) if pretrained is not None else []
