@@ -14,7 +14,8 @@ import inspect
 import torch.nn as nn
 
 from .methods import BYOL, METHODS, Method, MoCo, SimCLR
-from .networks import ARCHS, SplitBatchNorm, backbone_constructor, compile_networks
+from .backbones import ARCHS, backbone_constructor
+from .networks import SplitBatchNorm, compile_networks
 
 __all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "SimCLR", "SplitBatchNorm", "backbone_constructor",
            "build_model", "compile_networks", "method_options"]

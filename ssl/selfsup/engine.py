@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
-from .cli import UsageError
+from .errors import UsageError
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
 from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
 from .optim import learning_rate, set_lr
-from .recipes import is_data_id, run_definition
-from .resume import Checkpointer, check_same_run, read_checkpoint, restore_run_state, run_state
+from .resume import (Checkpointer, check_same_run, is_data_id, read_checkpoint, restore_run_state, run_definition,
+                     run_state)
 from .rng import preserved
 from .stopping import NonFiniteLossError, StopRequest, signal_name
 
@@ -316,7 +316,7 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
         return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
     current = vars(args)
     saved = ckpt.get("run")
-    if saved is None:  # checkpoints before run definitions were recorded
+    if saved is None:  # a checkpoint that records no run definition: rebuilt from its args
         old = ckpt.get("args") or {}
         saved = run_definition({**old, "method": ckpt.get("method", old.get("method", "moco")),
                                 "arch": ckpt.get("arch", old.get("arch"))})
@@ -327,8 +327,8 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
         unwrap(model).load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:
         raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim? "
-                         "or a SimCLR run from before its head gained the scale-only BatchNorm, 2026-11-30, which "
-                         f"cannot continue: start a new run): {str(e).splitlines()[0]} ...") from e
+                         "or a SimCLR run whose head lacks the scale-only BatchNorm of SimCLR's code, which cannot "
+                         f"continue: start a new run): {str(e).splitlines()[0]} ...") from e
     restore_run_state(ckpt, dist, optimizer, scaler)
     start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
     if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end

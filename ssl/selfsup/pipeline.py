@@ -44,7 +44,7 @@ from .sampler import ResumableDistributedSampler, StepBatchSampler
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "batched", "memory", "reference")
+AUG_BACKENDS = ("auto", "batched", "memory", "reference")
 # "auto" holds a folder in memory when its images are at most SMALL_IMAGE_MAX pixels and take
 # at most this many bytes.
 AUTO_MEMORY_MAX_BYTES = 2 << 30
@@ -59,7 +59,7 @@ class Pipeline:
     description: str
     backend: str = "reference"
     # What the data is, independent of where it lies: a fingerprint of the files (relative paths
-    # and labels) or of the arrays - part of what defines a run (selfsup.recipes.run_definition).
+    # and labels) or of the arrays - part of what defines a run (selfsup.resume.run_definition).
     data_id: str = ""
 
 
@@ -173,11 +173,11 @@ def build_pretrain_pipeline(
 ) -> Pipeline:
     """The pretraining data path over the images of `data_dir` (class folders or flat).
 
-    `batch_size` is the per-process batch; `backend` one of BACKENDS; `out_dtype` the dtype of
+    `batch_size` is the per-process batch; `backend` one of AUG_BACKENDS; `out_dtype` the dtype of
     the views the batched and memory backends return (e.g. torch.bfloat16 under bf16 autocast).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    if backend not in AUG_BACKENDS:
+        raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(AUG_BACKENDS)}")
     fmnist = fashion_mnist_root(data_dir)
     if fmnist is not None:  # idx files: held in memory whatever the backend
         x, y = load_fashion_mnist(fmnist, "train")
