@@ -4,6 +4,8 @@ import json
 
 import pytest
 from helpers import fake_fashion_mnist, run_script
+from selfsup import recipes
+from selfsup.methods import METHODS
 
 pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 
@@ -36,6 +38,7 @@ def test_gpu_check_learn_runs_the_benchmark_and_reports_each_method(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     result = json.loads((out / "gpu_check.json").read_text())
     lines = [c["name"] for c in result["checks"] if c["part"] == "learn" and c["status"] == "PASS"]
-    assert lines == ["BYOL: 1 epochs", "MoCo v2: 1 epochs", "SimCLR: 1 epochs"], result["checks"]
-    assert set(result["learn"]) == {"moco", "byol", "simclr"}
+    titles = sorted(f"{recipes.PRESETS[recipes.small_preset(m)]['title']}: 1 epochs" for m in METHODS)
+    assert lines == titles, result["checks"]  # BYOL, MoCo v2, SimCLR
+    assert set(result["learn"]) == set(METHODS)
     assert all(0 <= result["learn"][m]["linear"] <= 100 for m in result["learn"])

@@ -14,10 +14,11 @@ from test_losses import naive_nt_xent
 import main_pretrain
 from selfsup import recipes
 from selfsup.builder import BYOL, SimCLR, build_model
-from selfsup.cli import UsageError
+from selfsup.errors import UsageError
 from selfsup.distributed import DistInfo
 from selfsup.engine import StepContext, train_one_epoch
 from selfsup.losses import byol_loss
+from selfsup.methods import METHODS
 from selfsup.networks import ScaleOnlyBatchNorm1d
 from selfsup.optim import LARS, cosine_lr, cosine_momentum, step_lr
 
@@ -196,5 +197,5 @@ def test_simclr_head_ends_in_a_scale_only_batchnorm_and_its_loss_is_the_codes_su
 
 
 def test_build_model_still_builds_every_method_with_its_defaults():
-    for method in ("moco", "byol", "simclr"):
+    for method in METHODS:
         assert build_model(method, "resnet18").encoder_q is not None
