@@ -34,7 +34,7 @@ from selfsup.checkpoint import check_writable, load_checkpoint
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
                          per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
-from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
+from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
@@ -174,6 +174,7 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
                                                      eval_transform(image_size))
     sampler = None if args.evaluate else ResumableDistributedSampler(
         len(train_ds), local_batch, dist_info.world_size, dist_info.rank, seed=args.seed)  # checks the batch fits
+    configure_kernels(deterministic=False)  # fixed-size batches: cuDNN's autotuner
     torch.manual_seed(args.seed)
     feature_bn = args.feature_bn or bool((ckpt or {}).get("feature_bn"))
     probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None, feature_bn)

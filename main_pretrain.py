@@ -32,7 +32,7 @@ from selfsup.checkpoint import check_writable
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, launch, per_process_batch, report,
                          write_args, write_json)
 from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
-from selfsup.distributed import DistInfo, add_device_args, run_in_process_group, wrap_ddp
+from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.meters import MetricsWriter, setup_logging
@@ -120,6 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="continue the run in OUTPUT_DIR although data or hyperparameters changed (refused otherwise)")
     g.add_argument("--start-epoch", default=None, type=int, help="manual epoch number (useful on restarts)")
     g.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
+    g.add_argument("--save-every-epochs", default=1, type=int,
+                   help="write the checkpoint every N epochs and after the last (default: 1; a stop always writes one)")
     g.add_argument("--save-every-steps", default=0, type=int,
                    help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
     g = p.add_argument_group("monitoring")
@@ -143,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the networks (skipped with a warning where unsupported)")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (cuDNN); on CPU runs are deterministic already")
+                   help="deterministic kernels (cuDNN; otherwise its autotuner is on); on CPU runs are deterministic already")
     return p
 
 
@@ -164,7 +166,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.output_dir = out.output_dir or default_run_folder(out.method, out.arch, out.data)
     out.data = str(DEMO_ROOT) if demo else out.data
     check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
-                                 "bn_splits", "print_freq", "save_freq", "knn_k", "knn_t", "knn_subset", "lars_eta"),
+                                 "bn_splits", "print_freq", "save_freq", "save_every_epochs", "knn_k", "knn_t", "knn_subset", "lars_eta"),
                   non_negative=("workers", "wd", "momentum", "warmup_epochs", "save_every_steps", "knn_every",
                                 "start_epoch", "schedule"), fractions=("moco_m",))
     return out
@@ -187,9 +189,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
     args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.resume.run_definition)
-    if args.deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
                         **METHODS[args.method].options(vars(args)))
@@ -269,7 +269,8 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
         return fit(wrap_ddp(model, dist_info, sync_buffers=False), optimizer, scaler, pipeline, ctx,
                    Checkpointer(output_dir, dist_info, state), metrics, start_epoch=start["epoch"],
                    start_step=start["step"], meter_state=start["meters"], monitor=monitor, knn_every=args.knn_every,
-                   save_freq=args.save_freq, save_every_steps=args.save_every_steps)
+                   save_freq=args.save_freq, save_every_steps=args.save_every_steps,
+                   save_every_epochs=args.save_every_epochs)
     finally:
         metrics.close()
 

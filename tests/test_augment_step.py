@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from helpers import TINY_OPTIONS
 from selfsup.builder import build_model
+from selfsup import networks
 from selfsup.methods import METHODS, MomentumMethod
 from selfsup.networks import compile_networks
 from selfsup.optim import LARS
@@ -109,5 +110,18 @@ def test_compile_keeps_parameter_names_or_says_why_not(monkeypatch):
     reason = compile_networks(model, torch.device("cpu"))
     assert reason and "does not support" in reason
     monkeypatch.undo()
-    if compile_networks(model, torch.device("cpu")) is None:  # compiles lazily: nothing runs here
-        assert list(model.state_dict()) == names
+    monkeypatch.setattr(networks, "compile_probe", lambda device_type: "no Python.h")
+    assert compile_networks(model, torch.device("cpu")) == "no Python.h"
+    assert not any(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl for m in model.modules())
+    monkeypatch.setattr(networks, "compile_probe", lambda device_type: None)
+    assert compile_networks(model, torch.device("cpu")) is None  # compiles lazily: nothing runs here
+    assert list(model.state_dict()) == names and model.encoder_q._compiled_call_impl is not None
+
+
+def test_the_compile_probe_reports_a_failing_or_hanging_compiler():
+    # The probe's subprocess, given code that fails as Triton does without Python's headers, and code that hangs.
+    failing = "raise SystemExit('fatal error: Python.h: No such file or directory')"
+    assert networks.compile_probe("cpu", 60, failing) == "compiling a tiny function for cpu failed: fatal error: " \
+        "Python.h: No such file or directory"
+    assert "took over 1s" in networks.compile_probe("cpu", 1, "import time; time.sleep(30)")
+    assert networks.compile_probe("cpu", 60, "import sys; assert sys.argv[1] == 'cpu'") is None

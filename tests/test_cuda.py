@@ -201,7 +201,7 @@ def test_collectives_take_tensors_from_any_device(group_of_one):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA synchronisations")
-def test_a_training_step_waits_for_the_gpu_at_most_once():
+def test_a_training_step_waits_for_the_gpu_only_at_its_event():
     import warnings
 
     from selfsup.distributed import DistInfo
@@ -227,7 +227,9 @@ def test_a_training_step_waits_for_the_gpu_at_most_once():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     per_step = [b - a for a, b in zip(counts, counts[1:])][:-1]  # steps 1..4: no printing
-    assert all(n <= 1 for n in per_step), (per_step, [str(w.message)[:120] for w in caught][:6])
+    # The step's one intended wait, the fused check's Event.synchronize(), is not reported by sync
+    # debug mode: any warning is an unintended synchronisation (.item(), a copy to the host, ...).
+    assert per_step and all(n == 0 for n in per_step), (per_step, [str(w.message)[:120] for w in caught][:6])
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -368,3 +368,20 @@ def test_ddp_wrapped_models_stay_identical(tmp_path):
         assert torch.equal(r0["synced"][k], r1["synced"][k]), k
     for k in stats:
         assert torch.equal(r1["synced"][k], r0["drifted"][k]), k
+
+
+def test_cudnn_autotunes_unless_deterministic(monkeypatch):
+    from selfsup.distributed import configure_kernels
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_kernels(deterministic=False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() == before
+        configure_kernels(deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)

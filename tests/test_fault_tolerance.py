@@ -22,6 +22,9 @@ pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 # 24 images, global batch 8: 3 steps per epoch, 2 epochs = 6 steps.
 RUN = ["--method", "moco", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2", "--moco-k", "16",
        "--moco-dim", "16", "--mlp", "--aug", "moco_v2", "-p", "1", "--seed", "5"]
+# One process: split BN's permutations of the keys draw from the global torch stream, so a resume
+# that did not restore it would diverge (the run above draws nothing else from it).
+RUN_1PROC = [*RUN, "--bn-splits", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def folder(tmp_path_factory):
 def reference_1proc(folder, tmp_path_factory):
     """An uninterrupted one-process run (a fresh process, no loader workers)."""
     out = tmp_path_factory.mktemp("ref1")
-    r = run_script(["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
+    r = run_script(["main_pretrain.py", str(folder), *RUN_1PROC, "-j", "0", "--output-dir", str(out)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return load(out / "checkpoint.pth.tar")
 
@@ -74,7 +77,7 @@ def inject(fault: str, args: list[str], **env) -> subprocess.CompletedProcess:
 def test_kill_and_resume_is_bitwise_identical_one_process(folder, tmp_path, reference_1proc):
     out = tmp_path / "run"
     # Two loader workers here, none in the reference: augmentation must not depend on them.
-    args = [str(folder), *RUN, "-j", "2", "--save-every-steps", "2", "--output-dir", str(out)]
+    args = [str(folder), *RUN_1PROC, "-j", "2", "--save-every-steps", "2", "--output-dir", str(out)]
     killed = inject("kill:5", args)
     assert killed.returncode == 137
     ckpt = load(out / "checkpoint.pth.tar")
@@ -83,6 +86,17 @@ def test_kill_and_resume_is_bitwise_identical_one_process(folder, tmp_path, refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "epoch 1, step 1 (global step 4)" in resumed.stdout
     assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_save_every_epochs_writes_the_checkpoint_that_often_and_after_the_last(folder, tmp_path):
+    out = tmp_path / "run"
+    args = [str(folder), *RUN, "--epochs", "3", "-j", "0", "--save-every-epochs", "2", "--output-dir", str(out)]
+    assert inject("kill:5", args).returncode == 137  # in epoch 1: only epoch 0 has ended, no checkpoint yet
+    assert not (out / "checkpoint.pth.tar").exists()
+    assert inject("kill:8", args).returncode == 137  # in epoch 2: the checkpoint of epoch 1's end
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 6
+    assert run_script(["main_pretrain.py", *args]).returncode == 0
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 9
 
 
 def test_torchrun_restart_after_a_killed_worker_resumes_bitwise(folder, tmp_path, reference_2proc):
@@ -113,7 +127,7 @@ def test_two_nodes_equal_one_node_with_two_processes(folder, tmp_path, reference
 
 def test_sigterm_writes_a_resumable_checkpoint(folder, tmp_path, reference_1proc):
     out = tmp_path / "run"
-    args = [str(folder), *RUN, "-j", "0", "--output-dir", str(out)]
+    args = [str(folder), *RUN_1PROC, "-j", "0", "--output-dir", str(out)]
     proc = subprocess.Popen([sys.executable, "main_pretrain.py", *args], cwd=REPO, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -297,7 +311,7 @@ def test_truncated_checkpoint_gives_a_clear_error(folder, tmp_path):
     assert main_pretrain.cli([str(folder), *RUN, "--epochs", "1", "-j", "0", "--output-dir", str(out)]) == 0
     data = (out / "checkpoint.pth.tar").read_bytes()
     (out / "checkpoint.pth.tar").write_bytes(data[: len(data) // 3])
-    r = run_script(["main_pretrain.py", str(folder), *RUN, "-j", "0", "--output-dir", str(out)])
+    r = run_script(["main_pretrain.py", str(folder), *RUN_1PROC, "-j", "0", "--output-dir", str(out)])
     assert r.returncode == 2 and "truncated, corrupt" in r.stderr
 
 

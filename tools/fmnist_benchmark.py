@@ -51,13 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
+from selfsup.backbones import Features
 from selfsup.builder import build_model
 from selfsup.checkpoint import save_atomic
 from selfsup.data import FASHION_MNIST_NAME, fashion_mnist_root, load_fashion_mnist
-from selfsup.knn import knn_classify
+from selfsup.knn import extract_features, knn_classify, make_eval_loader
 from selfsup.lincls import row_batches, train_linear_epoch, validate
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer, learning_rate
+from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained
 from selfsup.resume import run_definition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +81,17 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def evaluate(ckpt: Path, data: str, out: Path, common: list[str], env: dict, commands: list[str],
-             batch: int) -> dict:
-    """main_knn.py at both temperatures and main_lincls.py on the backbone of `ckpt`. `out` is
-    made afresh: a classifier left by an earlier run belongs to another backbone."""
+             batch: int, args: argparse.Namespace) -> dict:
+    """main_knn.py at both temperatures and main_lincls.py on the backbone of `ckpt` (`--eval
+    commands`), or its features extracted once and the raw-pixel row's protocol in this process
+    (`--eval features`). `out` is made afresh: a classifier left by an earlier run belongs to
+    another backbone."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    if args.eval == "features":
+        device = eval_device(args)
+        workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+        return evaluate_features(*backbone_features(ckpt, Path(data), device, workers), args.seed, batch, device)
     figures = {}
     for t in KNN_TEMPERATURES:
         folder = out / f"knn-t{t}"
@@ -115,12 +123,19 @@ def random_init_checkpoint(method: str, cfg: dict, seed: int, path: Path) -> Pat
     return path
 
 
-def raw_pixels(data: Path, seed: int, batch: int) -> dict:
+def raw_pixels(data: Path, seed: int, batch: int, device: torch.device) -> dict:
     """The baseline without any network: the same kNN and linear protocol on the 784 pixels."""
     (x, y), (xt, yt) = load_fashion_mnist(data, "train"), load_fashion_mnist(data, "test")
     train = torch.from_numpy(x.reshape(len(x), -1)).float() / 255  # 60000 x 784
     test = torch.from_numpy(xt.reshape(len(xt), -1)).float() / 255
-    y, yt = torch.from_numpy(y), torch.from_numpy(yt)
+    return evaluate_features(train, torch.from_numpy(y), test, torch.from_numpy(yt), seed, batch, device)
+
+
+def evaluate_features(train: torch.Tensor, y: torch.Tensor, test: torch.Tensor, yt: torch.Tensor, seed: int,
+                      batch: int, device: torch.device) -> dict:
+    """kNN at both temperatures and the linear protocol (LINEAR, on standardised features, as
+    --feature-bn standardises them) on fixed features: train N x D, test M x D, on `device`."""
+    train, test, y, yt = train.to(device), test.to(device), y.to(device), yt.to(device)
     figures = {}
     for t in KNN_TEMPERATURES:
         pred, _ = knn_classify(train, y, test, 10, KNN_K, t)
@@ -128,19 +143,36 @@ def raw_pixels(data: Path, seed: int, batch: int) -> dict:
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)  # standardised, as --feature-bn does
     train, test = (train - mean) / std, (test - mean) / std
     torch.manual_seed(seed)
-    fc = torch.nn.Linear(784, 10)
+    fc = torch.nn.Linear(train.shape[1], 10)
     torch.nn.init.normal_(fc.weight, std=0.01)
     torch.nn.init.zeros_(fc.bias)
+    fc.to(device)
     opt = build_optimizer("sgd", fc.parameters(), LINEAR["lr"], 0.9)
     steps = len(train) // batch
     g = torch.Generator().manual_seed(seed)
     for epoch in range(LINEAR["epochs"]):
-        order = torch.randperm(len(train), generator=g)[: steps * batch]
+        order = torch.randperm(len(train), generator=g)[: steps * batch].to(device)
         batches = ((train[i], y[i]) for i in order.split(batch))
         train_linear_epoch(fc, batches, opt, lambda e: learning_rate(LINEAR["lr"], e, LINEAR["epochs"], True), epoch,
-                           steps, torch.device("cpu"), reduce=False)
-    figures["linear"] = validate(fc, row_batches(test, yt, 1000), torch.device("cpu"), reduce=False)["val_acc1"]
+                           steps, device, reduce=False)
+    figures["linear"] = validate(fc, row_batches(test, yt, 1000), device, reduce=False)["val_acc1"]
     return figures
+
+
+def backbone_features(ckpt: Path, data: Path, device: torch.device,
+                      workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen backbone of `ckpt` on the training and test images, extracted once on `device`
+    as main_knn.py extracts them: train N x D, labels N, test M x D, labels M."""
+    pretrained = load_pretrained(ckpt)
+    transform = eval_transform(pretrained.image_size or 32)
+    train_ds, test_ds, classes = linear_eval_datasets(str(data), transform, transform)
+    backbone = Features(build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights).backbone)
+    backbone.to(device)
+    pin = device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        train, y = extract_features(backbone, make_eval_loader(train_ds, 512, workers, pin), device)
+        test, yt = extract_features(backbone, make_eval_loader(test_ds, 512, workers, pin), device)
+    return train, y, test, yt
 
 
 def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batch: int) -> dict:
@@ -155,7 +187,7 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
     t0 = time.time()
     pretrain = out / "pretrain"
     cmd = ["main_pretrain.py", str(data), "--preset", preset, "--epochs", str(args.epochs), "--seed", str(args.seed),
-           "--knn-every", "1", "--knn-subset", "5000", "--knn-k", str(KNN_K), "--knn-t", "0.1",
+           "--knn-every", str(args.knn_every), "--knn-subset", "5000", "--knn-k", str(KNN_K), "--knn-t", "0.1",
            "--output-dir", str(pretrain), *args.pretrain_args, *common]
     commands.append(" ".join(cmd))
     print(f"{name}: pretraining {args.epochs} epochs ({preset}) -> {pretrain}", flush=True)
@@ -165,9 +197,10 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
     records = sorted({r["epoch"]: r for r in jsonl(pretrain / "metrics.jsonl") if "epoch" in r}.values(),
                      key=lambda r: r["epoch"])
     print(f"{name}: evaluating", flush=True)
-    pretrained = evaluate(pretrain / "checkpoint.pth.tar", str(data), out / "pretrained", common, env, commands, batch)
+    pretrained = evaluate(pretrain / "checkpoint.pth.tar", str(data), out / "pretrained", common, env, commands, batch,
+                          args)
     ckpt = random_init_checkpoint(method, cfg, args.seed, out / "random_init.pth.tar")
-    random_init = evaluate(ckpt, str(data), out / "random_init", common, env, commands, batch)
+    random_init = evaluate(ckpt, str(data), out / "random_init", common, env, commands, batch, args)
     (out / "commands.txt").write_text("\n".join(f"python {c}" for c in commands) + "\n")
     return {
         "method": method, "name": name, "preset": preset, "epochs": args.epochs,
@@ -181,8 +214,18 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         # The machine's own folders stay out of the results: the --out folder is written OUT.
         "commands": [c.replace(str(Path(args.out)), "OUT") for c in commands],
-        "linear_protocol": {**LINEAR, "batch_size": batch},
+        "linear_protocol": {**LINEAR, "batch_size": batch}, "eval": args.eval,
+        "steps": steps_done(pretrain), "batch_size": cfg["batch_size"],
     }
+
+
+def steps_done(run: Path) -> int:
+    """The optimizer steps a pretraining run has made, from its checkpoint."""
+    return int(torch.load(run / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["global_step"])
+
+
+def eval_device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cpu_name() -> str:
@@ -238,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda (default: the scripts' choice)")
     p.add_argument("-j", "--workers", default=None, type=int, help="loader workers of every command")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--knn-every", default=1, type=int, help="online kNN every N pretraining epochs (and after the last)")
+    p.add_argument("--eval", default="commands", choices=["commands", "features"],
+                   help="commands (default): main_knn.py and main_lincls.py per row; features: each backbone's "
+                   "features extracted once on --device, then the raw-pixel row's kNN and linear code in this "
+                   "process (tools/gpu_check.py's learn part)")
     p.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                    help="more flags for main_pretrain.py (recipe experiments); give it last: every "
                    "word after it goes to main_pretrain.py, before -j and --device")
@@ -256,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(METHODS) if args.method == "all" else [args.method]
     batch = min(LINEAR["batch_size"], len(load_fashion_mnist(data, "train")[1]))  # tiny training sets: one batch
     print("raw pixels baseline", flush=True)
-    raw = raw_pixels(data, args.seed, batch)
+    raw = raw_pixels(data, args.seed, batch, eval_device(args) if args.eval == "features" else torch.device("cpu"))
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     for method in methods:

@@ -393,3 +393,13 @@ def wrap_ddp(module: nn.Module, dist: DistInfo, sync_buffers: bool = True) -> nn
         kwargs = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **kwargs)
+
+
+def configure_kernels(deterministic: bool) -> None:
+    """cuDNN's autotuner for the fixed-size batches of training (as facebookresearch/moco turns it
+    on), or with `deterministic` the kernels that make a GPU run repeat bit for bit (--deterministic,
+    which a bitwise resume on a GPU needs), at some cost in speed. No effect on a CPU."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -217,14 +217,15 @@ def progress_line(ctx: StepContext, epoch: int, step: int, loss: float, loss_avg
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, pipeline,
         ctx: StepContext, checkpointer: Checkpointer, metrics: MetricsWriter, *, start_epoch: int = 0,
         start_step: int = 0, meter_state: dict | None = None, monitor: KNNMonitor | None = None,
-        knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0) -> int:
+        knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0, save_every_epochs: int = 1) -> int:
     """Train epochs start_epoch .. ctx.epochs - 1 (the first from `start_step`) and report them.
 
     `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.pipeline.Pipeline;
     `checkpointer.save(*copies, epoch=, step=, meters=)` writes a checkpoint holding where to
     continue; `meter_state` (from a step checkpoint) makes the first epoch's averages cover the
     steps before the interruption. Every `knn_every` epochs (and after the last) `monitor`
-    measures the online kNN. Returns the exit status: 0 when done or stopped by a signal (a
+    measures the online kNN. The checkpoint is written every `save_every_epochs` epochs and
+    after the last (a stop always writes one); a copy is kept every `save_freq`. Returns the exit status: 0 when done or stopped by a signal (a
     checkpoint written), 1 on a non-finite loss or a checkpoint that could not be written.
     """
     core = unwrap(model)
@@ -252,8 +253,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
                             signal_name(ctx.stop.signum), epoch, stats["stopped_at"])
                 return 0
             periodic = (epoch + 1) % save_freq == 0 or epoch + 1 == ctx.epochs
-            checkpointer.save(*([f"checkpoint_{epoch:04d}.pth.tar"] if periodic else []), epoch=epoch + 1, step=0,
-                              meters=None)
+            if periodic or stats["stopped_at"] is not None or (epoch + 1) % save_every_epochs == 0:
+                checkpointer.save(*([f"checkpoint_{epoch:04d}.pth.tar"] if periodic else []), epoch=epoch + 1, step=0,
+                                  meters=None)
             record = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("stopped_at", "meter_state")},
                       "epoch_time_s": time.time() - t0}
             # A stop request (agreed by every process) skips the evaluation: a preempted job's grace

@@ -4,8 +4,8 @@ unwrapping a model (DDP, torch.compile) and compiling its networks."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import functools
+import subprocess
 import sys
 
 import torch
@@ -154,13 +154,42 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# A tiny function compiled for the device in a fresh process: it builds what every compiled network
+# needs (the C++ kernels on a CPU; on a GPU, Triton's kernels and their launcher, which needs a C
+# compiler and Python's headers), so a machine missing any of them is found before training.
+_COMPILE_PROBE = """
+import sys, torch
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+x = torch.randn(64, device=sys.argv[1])
+assert torch.allclose(f(x), torch.sin(x) * 2 + 1)
+"""
+COMPILE_PROBE_TIMEOUT_S = 180
+
+
+@functools.lru_cache(maxsize=None)
+def compile_probe(device_type: str, timeout_s: float = COMPILE_PROBE_TIMEOUT_S, code: str = _COMPILE_PROBE) -> str | None:
+    """Why torch.compile cannot build kernels for `device_type` on this machine, or None when it
+    can: `code` (a tiny function compiled and run) in a subprocess with a time limit. Cached per
+    process."""
+    try:
+        r = subprocess.run([sys.executable, "-c", code, device_type], capture_output=True, text=True,
+                           timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"compiling a tiny function for {device_type} took over {timeout_s:.0f}s"
+    if r.returncode != 0:
+        lines = [line for line in (r.stderr or r.stdout).splitlines() if line.strip()]
+        return f"compiling a tiny function for {device_type} failed: {lines[-1] if lines else f'exit {r.returncode}'}"
+    return None
+
+
 def compile_networks(model: nn.Module, device: torch.device) -> str | None:
-    """torch.compile the networks of a MoCo/BYOL/SimCLR model in place (`nn.Module.compile`,
-    so parameter names and checkpoints do not change); the method's own logic (queue, momentum
-    update, gathers) stays eager.
+    """torch.compile the networks of a method in place (`nn.Module.compile`, so parameter names
+    and checkpoints do not change); the method's own logic (queue, momentum update, gathers) stays
+    eager.
 
     Returns None when compiled, or why compilation is not possible here (the caller then trains
-    uncompiled). Compilation itself happens lazily at the first forward pass of each network.
+    uncompiled): an unsupported platform, or `compile_probe` failing. Compilation itself happens
+    lazily at the first forward pass of each network.
     """
     try:
         import torch._dynamo
@@ -168,14 +197,11 @@ def compile_networks(model: nn.Module, device: torch.device) -> str | None:
         if not torch._dynamo.is_dynamo_supported():
             python = sys.version.split()[0]
             return f"torch.compile does not support this platform (Python {python}, torch {torch.__version__})"
-        if device.type == "cpu":
-            from torch._inductor import cpp_builder
-
-            cpp_builder.get_cpp_compiler()  # raises without a C++ compiler
-        elif not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
-            return "no C compiler found, which Triton needs to build its kernels' launchers (set CC)"
     except Exception as e:  # an unsupported platform shows up as many kinds of errors
         return f"{type(e).__name__}: {e}"
+    reason = compile_probe(device.type)
+    if reason:
+        return reason
     for name in getattr(model, "networks", ("encoder_q",)):  # Method.networks
         getattr(model, name).compile()
     return None

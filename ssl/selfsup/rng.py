@@ -11,12 +11,15 @@ checkpoint (`gather_rng_states`) and restored on resume.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 
 import numpy as np
 import torch
 
 from .distributed import all_gather_objects
+
+logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 
@@ -74,16 +77,51 @@ def preserved():
         restore_rng_state(state)
 
 
-def capture_rng_state() -> dict:
-    """This process's random generators as plain types (loadable with weights_only=True)."""
+class CudaGenerators:
+    """The CUDA generator this process draws from: the one of its current device.
+
+    Each process saves and restores only its own device's generator (with the layout it saw), not
+    every visible GPU's: where each process sees all 8 GPUs, rank r draws on device r, while under
+    SLURM each process often sees one GPU as device 0. An object, so tests can stand in a layout."""
+
+    def available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def in_use(self) -> int | None:
+        """This process's CUDA device index, or None while CUDA has not started (nothing drawn)."""
+        return torch.cuda.current_device() if self.available() and torch.cuda.is_initialized() else None
+
+    def current(self) -> int:
+        """The device this process draws on (starts CUDA)."""
+        return torch.cuda.current_device()
+
+    def visible(self) -> int:
+        return torch.cuda.device_count()
+
+    def get_state(self, index: int) -> torch.Tensor:
+        return torch.cuda.get_rng_state(index)
+
+    def set_state(self, state: torch.Tensor, index: int) -> None:
+        torch.cuda.set_rng_state(state, index)
+
+
+CUDA = CudaGenerators()
+
+
+def capture_rng_state(cuda: CudaGenerators = CUDA) -> dict:
+    """This process's random generators as plain types (loadable with weights_only=True): torch's
+    CPU generator, Python's, numpy's and - once CUDA has started - its own device's, with the
+    device layout it was drawn on (`cuda_device`: index and number of visible GPUs)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    index = cuda.in_use()
+    if index is not None:
+        state["cuda"] = cuda.get_state(index)
+        state["cuda_device"] = {"index": index, "visible": cuda.visible()}
     return state
 
 
@@ -93,13 +131,36 @@ def gather_rng_states() -> list[dict]:
     return all_gather_objects(capture_rng_state())
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, cuda: CudaGenerators = CUDA) -> None:
+    """Set this process's generators from `capture_rng_state()`'s output. The saved CUDA stream
+    goes to this process's device; where the device layout differs from the saving process's (another
+    GPU visibility, e.g. 8 GPUs per process then 1 under SLURM) a warning names both layouts."""
     torch.set_rng_state(state["torch"])
     random.setstate(_to_tuple(state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or not cuda.available():
+        return
+    index = cuda.in_use()
+    if index is None:  # CUDA not started yet: the device this process will draw on
+        index = cuda.current()
+    if isinstance(saved, torch.Tensor):
+        layout = state.get("cuda_device", {})
+        if (layout.get("index"), layout.get("visible")) != (index, cuda.visible()):
+            logger.warning("checkpoint written by a process on CUDA device %s of %s visible, this process is on "
+                           "device %d of %d: its CUDA random stream continues on this device (bitwise only on the "
+                           "same kind of GPU)", layout.get("index"), layout.get("visible"), index, cuda.visible())
+        cuda.set_state(saved, index)
+        return
+    # A checkpoint that holds every visible GPU's generator (a list): this device's, when it has one.
+    if len(saved) != cuda.visible() or index >= len(saved):
+        logger.warning("checkpoint holds the CUDA generators of %d visible GPU(s), this process sees %d and draws on "
+                       "device %d: %s", len(saved), cuda.visible(), index,
+                       "restoring that device's" if index < len(saved) else "its CUDA random stream restarts "
+                       "(resume is not bitwise)")
+    if index < len(saved):
+        cuda.set_state(saved[index], index)
 
 
 def _to_tuple(x):

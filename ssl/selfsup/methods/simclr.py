@@ -44,13 +44,16 @@ class SimCLR(Method):
             "source": "Chen et al. 2020 (arXiv:2002.05709), Sec. 2.3 and Appendix B.1",
             "reported": "69.3%, ResNet-50, 1000 epochs, batch 4096",
         },
-        # solo-learn's CIFAR optimiser (LARS with trust coefficient 0.02, lr 0.4 x B/256, wd 1e-5):
-        # with the papers' 0.001 a step moves a weight by lr x 0.1% of its norm, too little for a
-        # few thousand steps.
+        # SimCLR keeps its own paper's LARS (google-research/simclr's form: the lr inside the
+        # momentum, no clipping of the per-layer rate) with solo-learn's CIFAR settings (trust
+        # coefficient 0.02, lr 0.4 x B/256, wd 1e-5) - not solo-learn's LARS, which clips the
+        # per-layer rate at the lr and keeps the lr outside the momentum. With the papers' 0.001 a
+        # step moves a weight by lr x 0.1% of its norm, too little for a few thousand steps.
         "small-simclr": {
             **SMALL_IMAGE, "title": "SimCLR", "lr_per_256": 0.4, "optimizer": "lars", "lars_eta": 0.02, "wd": 1e-5,
             "moco_dim": 128, "mlp_dim": 1024, "moco_t": 0.2, "aug": "simclr",
-            "source": "SimCLR with solo-learn's CIFAR optimiser (LARS, eta 0.02), at batch 128",
+            "source": "SimCLR's LARS (classic momentum) with solo-learn's CIFAR settings (eta 0.02, "
+                      "lr 0.4 x B/256, wd 1e-5), at batch 128",
             "reported": "docs/RESULTS.md, Fashion-MNIST",
         },
     }
