@@ -2,7 +2,7 @@
 holds the whole method - its defaults, options, recipes, demo settings, linear-evaluation
 protocol, what defines its run, its loss and its momentum schedule."""
 
-from .base import Method, MomentumMethod, protocol_problems
+from .base import Method, MomentumMethod, check_complete, protocol_problems
 from .byol import BYOL
 from .moco import MoCo
 from .simclr import SimCLR
@@ -10,9 +10,6 @@ from .simclr import SimCLR
 # name -> class; the order is the one --method lists. A new method: its module and one entry here.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCo, BYOL, SimCLR)}
 
-for _cls in METHODS.values():  # a method missing a piece fails here, not with another method's value
-    if protocol_problems(_cls):
-        raise TypeError(f"selfsup.methods.{_cls.__name__} is incomplete: {'; '.join(protocol_problems(_cls))} "
-                        "(see selfsup.methods.base.Method)")
+check_complete(METHODS)  # a method missing a piece fails here, not later with another method's value
 
-__all__ = ["BYOL", "METHODS", "Method", "MoCo", "MomentumMethod", "SimCLR", "protocol_problems"]
+__all__ = ["BYOL", "METHODS", "Method", "MoCo", "MomentumMethod", "SimCLR", "check_complete", "protocol_problems"]

@@ -127,6 +127,17 @@ def protocol_problems(cls: type[Method]) -> list[str]:
     return problems
 
 
+def check_complete(methods: Mapping[str, type[Method]]) -> None:
+    """A TypeError naming every missing piece when a registered method is incomplete."""
+    for name, cls in methods.items():
+        problems = protocol_problems(cls)
+        if cls.name != name:
+            problems.insert(0, f"registered as '{name}' but named '{cls.name}'")
+        if problems:
+            raise TypeError(f"method '{name}' ({cls.__module__}.{cls.__qualname__}) is incomplete: "
+                            f"{'; '.join(problems)} (see selfsup.methods.base.Method)")
+
+
 def own(cls: type, attr: str) -> Any:
     """`cls.attr` when `cls` (or a class between it and Method) sets it, else None: Method's
     placeholders do not count as the method's own."""
