@@ -156,3 +156,12 @@ def test_run_records_listing_every_methods_keys_still_resume_and_still_guard(nam
     changed = {**old, key: args[key] * 2}
     with pytest.raises(UsageError, match=f"{key} "):
         check_same_run(changed, run_definition(args), tmp_path, accept=False)
+
+
+def test_the_recipe_book_and_the_readme_name_every_preset_and_protocol(repo):
+    book = (repo / "docs" / "CONFIG.md").read_text()
+    readme = (repo / "README.md").read_text()
+    for name, recipe in recipes.PRESETS.items():
+        assert f"--preset {name}" in book and f"`{name}`" in readme, name
+    for name, cls in METHODS.items():
+        assert f"| `{name}` |" in book and cls.linear["source"] in book, name

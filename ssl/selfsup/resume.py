@@ -10,7 +10,7 @@ same way. Each checkpoint holds the script's model and position, and this common
     optimizer, scaler      the optimizer's state (momentum buffers), mixed precision's scale
     rng                    every process's generators, in rank order (selfsup.rng)
     world_size, num_threads, device_type
-                           what a bit-for-bit continuation needs to match (README, "When resume
+                           what a bit-for-bit continuation needs to match (docs/FAULT_TOLERANCE.md, "When resume
                            is bitwise"); a resume that differs says so (`warn_if_not_bitwise`)
     args                   the command line, as plain values
 
