@@ -37,7 +37,7 @@ from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
-from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
+from selfsup.lincls import ProbeRun, classifier_state, fit, image_batches, restore_classifier, validate
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
@@ -240,11 +240,13 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         def lr_at(epoch: float) -> float:
             return learning_rate(args.lr, epoch, args.epochs, args.cos, args.schedule)
 
-        return fit(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, dist=dist_info,
-                   epochs=args.epochs, start_epoch=setup.start_epoch, best_acc1=setup.best_acc1, lr_at=lr_at,
-                   global_batch=args.batch_size, workers=args.workers, seed=args.seed, cached=args.cached,
-                   output_dir=output_dir, state=state, metrics=metrics, save_features=args.save_features,
-                   print_freq=args.print_freq, pretrained_path=setup.pretrained.path if setup.pretrained else None)
+        training = ProbeRun(dist=dist_info, epochs=args.epochs, lr_at=lr_at, global_batch=args.batch_size,
+                            workers=args.workers, seed=args.seed, cached=args.cached, output_dir=output_dir,
+                            state=state, metrics=metrics, save_features=args.save_features,
+                            print_freq=args.print_freq,
+                            pretrained_path=setup.pretrained.path if setup.pretrained else None)
+        return fit(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, training, setup.start_epoch,
+                   setup.best_acc1)
     finally:
         metrics.close()
 
