@@ -170,6 +170,7 @@ def _extract_worker(rank, world, x, y, backbone_state, n_small):
     return out
 
 
+@pytest.mark.e2e
 def test_distributed_extraction_and_knn_equal_single_process(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(9, 2, 3), torch.arange(9)  # 9 samples: blocks of 4 and 5

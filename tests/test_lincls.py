@@ -116,6 +116,7 @@ def backbone_of(ckpt_path):
 # ---------------------------------------------------------------------------------------------- every method
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", list(METHODS))
 def test_linear_eval_from_each_method_checkpoint(method, data, tmp_path):
     ckpt, backbone = pretrain_checkpoint(tmp_path / "checkpoint.pth.tar", method)
@@ -270,6 +271,7 @@ def test_sanity_check_fails_the_run_when_bn_statistics_move(data, moco_ckpt, tmp
 # ---------------------------------------------------------------------------------------------- cached features
 
 
+@pytest.mark.e2e
 def test_cached_features_equal_the_image_path_and_resume(data, moco_ckpt, tmp_path, capsys):
     ckpt = moco_ckpt[0]
     cached, images, resumed = tmp_path / "cached", tmp_path / "images", tmp_path / "resumed"

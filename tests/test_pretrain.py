@@ -92,6 +92,7 @@ def assert_same_state(a, b):
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
 
 
+@pytest.mark.e2e
 def test_resumed_run_continues_from_the_saved_epoch(folder, tmp_path):
     args = [folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"]]
     assert pretrain(*args, "--epochs", 2, "--output-dir", tmp_path / "straight") == 0
@@ -158,6 +159,7 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
 
 
+@pytest.mark.e2e
 def test_the_run_definition_guards_the_output_folder(folder, tmp_path, capsys):
     args = [*TINY, *METHOD_FLAGS["moco"]]
     out = tmp_path / "run"
