@@ -63,6 +63,8 @@ from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, loa
 from selfsup.resume import run_definition
 
 REPO = Path(__file__).resolve().parents[1]
+# How the tables name each method: its small-image preset's title (MoCo v2, BYOL, SimCLR).
+NAMES = {method: recipes.PRESETS[recipes.small_preset(method)]["title"] for method in METHODS}
 # The linear protocol of every row (features standardised first, so one lr fits all of them).
 LINEAR = {"epochs": 50, "lr": 0.1, "batch_size": 256}
 KNN_K, KNN_TEMPERATURES = 200, (0.1, 0.07)
@@ -181,8 +183,7 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     device = ["--device", args.device] if args.device else []
     common = ["-j", str(args.workers), *device] if args.workers is not None else device
-    preset = recipes.small_preset(method)
-    name = recipes.PRESETS[preset]["title"]
+    preset, name = recipes.small_preset(method), NAMES[method]
     commands: list[str] = []
     t0 = time.time()
     pretrain = out / "pretrain"
