@@ -34,6 +34,7 @@ from selfsup.checkpoint import check_writable, load_checkpoint
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
                          per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
@@ -44,7 +45,6 @@ from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eva
                            load_pretrained, readable, train_transform)
 from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol
 from selfsup.resume import restore_run_state
-from selfsup.sampler import ResumableDistributedSampler
 
 logger = logging.getLogger("main_lincls")
 

@@ -32,6 +32,8 @@ from selfsup.checkpoint import check_writable
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, launch, per_process_batch, report,
                          write_args, write_json)
 from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
+from selfsup.data.augmentations import AUGMENTATIONS
+from selfsup.data.pipeline import AUG_BACKENDS, build_pretrain_pipeline
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
 from selfsup.errors import INPUT_ERRORS, UsageError
@@ -40,8 +42,6 @@ from selfsup.methods import METHODS
 from selfsup.monitor import folder_monitor
 from selfsup.networks import compile_networks
 from selfsup.optim import OPTIMIZERS, build_optimizer
-from selfsup.pipeline import AUG_BACKENDS, build_pretrain_pipeline
-from selfsup.presets import PRESETS as AUG_PRESETS
 from selfsup.resume import Checkpointer, claim_fresh_folder, default_run_folder, run_definition
 from selfsup.stopping import StopRequest
 
@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", default=None, type=int,
                    help="data loading workers per process (default: the CPUs per process, less one; 1 to 8)")
     g.add_argument("--image-size", default=None, type=int, help="crop size (default: 224)")
-    g.add_argument("--aug", default=None, choices=list(AUG_PRESETS), help="augmentation preset (default: the method's)")
+    g.add_argument("--aug", default=None, choices=list(AUGMENTATIONS), help="augmentation preset (default: the method's)")
     g.add_argument("--aug-plus", action="store_true", help="MoCo v2's augmentation (same as --aug moco_v2)")
     g.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
     g = p.add_argument_group("model (MoCo's flags; dim, m and t also serve BYOL and SimCLR)")

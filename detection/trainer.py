@@ -21,13 +21,13 @@ from detection.models import DetectorConfig, build_detector, build_resnet, check
 from selfsup.checkpoint import check_writable, load_checkpoint, plain_args, save_atomic
 from selfsup.cli import per_process_batch
 from selfsup.data import training_loader
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, barrier, wrap_ddp
 from selfsup.errors import UsageError
 from selfsup.meters import MetricsWriter
 from selfsup.networks import unwrap
 from selfsup.optim import build_optimizer
 from selfsup.resume import Checkpointer, check_same_run, differences, restore_run_state
-from selfsup.sampler import ResumableDistributedSampler
 
 logger = logging.getLogger("train_torchvision")
 

@@ -24,11 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import TINY_OPTIONS, make_image_folder, run_script, torchrun
 from selfsup import distributed as D
-from selfsup.augment import TwoViewAugment
 from selfsup.builder import build_model
+from selfsup.data.augmentations import get_preset
+from selfsup.data.batch_augment import TwoViewAugment
 from selfsup.methods import METHODS
 from selfsup.networks import compile_networks
-from selfsup.presets import get_preset
 from selfsup.rng import augment_generator, seeded
 
 DEVICE = torch.device(os.environ.get("SELFSUP_TEST_DEVICE", "cuda"))

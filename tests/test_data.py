@@ -8,8 +8,8 @@ import torch
 from helpers import make_image_folder, write_idx
 from selfsup.data import (ImageDataset, find_samples, find_unreadable, load_fashion_mnist, read_idx, resolve_split_dir,
                           without_files)
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.rng import mix_seed, seeded
-from selfsup.sampler import ResumableDistributedSampler
 
 
 def test_find_samples_class_folders_flat_folder_and_moco_layout(tmp_path):

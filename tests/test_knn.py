@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import make_image_folder, run_distributed
 from selfsup import knn
-from selfsup.sampler import ShardSampler
 from selfsup.backbones import Features, backbone_constructor
+from selfsup.data.sampler import ShardSampler
 from test_lincls import load_script
 from torch.utils.data import DataLoader, TensorDataset
 

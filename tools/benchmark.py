@@ -10,7 +10,7 @@ It writes its own ImageFolder of ImageNet-like JPEGs (about 500x375, quality 90:
 cloud-like texture, shapes, sensor noise) under --data (default runs/benchmark-data), so anyone
 can rerun it from a fresh clone. Sections, each with the reference measured in the same run:
 
-  (a) the loader's CPU half per worker: decode + both crops as uint8 (selfsup.crops) against the
+  (a) the loader's CPU half per worker: decode + both crops as uint8 (selfsup.data.crops) against the
       reference per-image pipeline (PIL + torchvision v1, both views, as facebookresearch/moco);
   (b) the full augmentation on the current device: CPU half + batched colour half, and images
       held in memory at 32 px, against the reference;
@@ -48,17 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes  # noqa: E402
-from selfsup.augment import TwoViewAugment  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
-from selfsup.crops import TwoCropsDataset  # noqa: E402
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist  # noqa: E402
+from selfsup.data.augmentations import build_two_crops_transform, get_preset  # noqa: E402
+from selfsup.data.batch_augment import TwoViewAugment  # noqa: E402
+from selfsup.data.crops import TwoCropsDataset  # noqa: E402
+from selfsup.data.inmemory import InMemoryImages  # noqa: E402
+from selfsup.data.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
 from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
-from selfsup.inmemory import InMemoryImages  # noqa: E402
 from selfsup.methods import METHODS  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
-from selfsup.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
-from selfsup.presets import build_two_crops_transform, get_preset  # noqa: E402
 from selfsup.rng import augment_generator, seeded  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- data

@@ -179,7 +179,7 @@ def train_one_epoch(
     """Train for the rest of epoch `epoch`, from step `start_step`.
 
     `make_views(batch, epoch, step)` turns the loader's batch into the two views on the device
-    (selfsup.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
+    (selfsup.data.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
     (step checkpoints); `meter_state` from such a checkpoint makes the epoch's averages cover the
     steps before the interruption too. Returns the epoch's averages; `stopped_at` is set when a
     stop signal ended the epoch early. Raises NonFiniteLossError, on every process, before
@@ -261,7 +261,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
         knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0, save_every_epochs: int = 1) -> int:
     """Train epochs start_epoch .. ctx.epochs - 1 (the first from `start_step`) and report them.
 
-    `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.pipeline.Pipeline;
+    `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.data.pipeline.Pipeline;
     `checkpointer.save(*copies, epoch=, step=, meters=)` writes a checkpoint holding where to
     continue; `meter_state` (from a step checkpoint) makes the first epoch's averages cover the
     steps before the interruption. Every `knn_every` epochs (and after the last) `monitor`

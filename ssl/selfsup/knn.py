@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .distributed import all_reduce_sum, concat_all_gather, get_rank, get_world_size
 from .meters import accuracy
-from .sampler import ShardSampler, shard_range
+from .data.sampler import ShardSampler, shard_range
 from .stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from .meters import AverageMeter, MetricsWriter, ProgressMeter, accuracy
 from .optim import set_lr
 from .probe import LinearProbe, Pretrained, SanityCheckError, changed_backbone_keys, sanity_check
 from .resume import run_state
-from .sampler import ResumableDistributedSampler
+from .data.sampler import ResumableDistributedSampler
 from .stopping import NonFiniteLossError
 
 logger = logging.getLogger(__name__)

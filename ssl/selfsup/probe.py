@@ -23,7 +23,7 @@ from .backbones import ARCHS, backbone_constructor, forward_features, get_head, 
 from .checkpoint import extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 from .data import ImageDataset, fashion_mnist_root, fashion_mnist_splits, find_samples, find_unreadable, without_files
 from .distributed import DistInfo
-from .presets import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
+from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def run_keys(method: str | None) -> tuple[str, ...]:
 def run_definition(args: Mapping[str, Any]) -> dict[str, Any]:
     """The values of `run_keys(args["method"])` in `args` (a pretraining command's, or the plain
     args a checkpoint saved). The data is what the files are (`data_id`,
-    selfsup.pipeline.files_id), not where they lie, so a copy on a job's local disk resumes the
+    selfsup.data.pipeline.files_id), not where they lie, so a copy on a job's local disk resumes the
     same run; a record without a fingerprint compares the absolute path ('demo' for the embedded
     demo)."""
     out = {k: args.get(k) for k in run_keys(args.get("method"))}
@@ -78,7 +78,7 @@ def run_definition(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_data_id(data: object) -> bool:
-    """Whether a recorded `data` is a fingerprint (selfsup.pipeline.files_id / arrays_id) rather
+    """Whether a recorded `data` is a fingerprint (selfsup.data.pipeline.files_id / arrays_id) rather
     than a path or 'demo', which records without a fingerprint hold."""
     return isinstance(data, str) and re.fullmatch(r"\d+ images, \d+ labels, (files|arrays) [0-9a-f]+", data) is not None
 
