@@ -13,7 +13,7 @@ takes this project's checkpoints (MoCo, BYOL, SimCLR) and facebookresearch/moco'
 comes from the checkpoint. With --train-aug none the frozen features are computed once and cached
 (the demo's default). Running the same command again resumes from OUTPUT_DIR/checkpoint.pth.tar.
 --batch-size is the global batch over all processes. See docs/EVALUATION.md for each method's recipe.
-This file holds the arguments and the building; the epochs are selfsup.lincls.fit.
+This file holds the arguments and the building; the epochs are selfsup.lincls.train_probe.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
-from selfsup.lincls import ProbeRun, classifier_state, fit, image_batches, restore_classifier, validate
+from selfsup.lincls import ProbeRun, classifier_state, image_batches, restore_classifier, train_probe, validate
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
@@ -245,8 +245,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
                             state=state, metrics=metrics, save_features=args.save_features,
                             print_freq=args.print_freq,
                             pretrained_path=setup.pretrained.path if setup.pretrained else None)
-        return fit(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, training, setup.start_epoch,
-                   setup.best_acc1)
+        return train_probe(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, training,
+                           setup.start_epoch, setup.best_acc1)
     finally:
         metrics.close()
 

@@ -56,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     given on the command line always wins.
     """
     p = argparse.ArgumentParser("Self-supervised pretraining", add_help=False)
+    by_method = recipes.defaults_by_method  # each method's default, for the help
     p.add_argument("data", nargs="?", default=None,
                    help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images), or "
                         "Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
@@ -74,14 +75,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: resnet50)")
     g.add_argument("--small-stem", default=None, action=argparse.BooleanOptionalAction,
                    help="3x3 stride-1 stem without max-pool, for 28-64 pixel images")
-    g.add_argument("--moco-dim", default=None, type=int, help="output dim (MoCo/SimCLR 128, BYOL 256)")
-    g.add_argument("--moco-k", default=None, type=int, help="MoCo queue size (default: 65536)")
-    g.add_argument("--moco-m", default=None, type=float, help="key/target encoder momentum (MoCo 0.999, BYOL 0.996)")
-    g.add_argument("--moco-t", default=None, type=float, help="softmax temperature (MoCo 0.07, SimCLR 0.1)")
+    g.add_argument("--moco-dim", default=None, type=int, help=f"output dim ({by_method('moco_dim')})")
+    g.add_argument("--moco-k", default=None, type=int, help=f"MoCo queue size ({by_method('moco_k')})")
+    g.add_argument("--moco-m", default=None, type=float, help=f"key/target encoder momentum ({by_method('moco_m')})")
+    g.add_argument("--moco-t", default=None, type=float, help=f"softmax temperature ({by_method('moco_t')})")
     g.add_argument("--moco-m-cos", default=None, action=argparse.BooleanOptionalAction,
-                   help="raise the momentum to 1 along a cosine (BYOL's schedule; default on for BYOL)")
-    g.add_argument("--mlp", default=None, action=argparse.BooleanOptionalAction, help="MoCo v2 projection head")
-    g.add_argument("--mlp-dim", default=None, type=int, help="hidden dim of BYOL/SimCLR heads (4096 / 2048)")
+                   help=f"raise the momentum to 1 along a cosine (BYOL's schedule; {by_method('moco_m_cos')})")
+    g.add_argument("--mlp", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"MoCo v2 projection head ({by_method('mlp')})")
+    g.add_argument("--mlp-dim", default=None, type=int, help=f"hidden dim of the heads ({by_method('mlp_dim')})")
     g.add_argument("--bn-splits", default=None, type=int,
                    help="emulate shuffle BN on one process over this many sub-batches (default: 1 = off)")
     g.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false", help="MoCo without shuffle BN")

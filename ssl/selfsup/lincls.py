@@ -342,8 +342,9 @@ class _ClassifierCheckpoints:
             self.last_save = time.perf_counter()
 
 
-def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, sampler: ResumableDistributedSampler,
-        run: ProbeRun, start_epoch: int = 0, best_acc1: float = -1.0) -> int:
+def train_probe(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds,
+                sampler: ResumableDistributedSampler, run: ProbeRun, start_epoch: int = 0,
+                best_acc1: float = -1.0) -> int:
     """Train the linear classifier `probe.fc` for epochs start_epoch .. run.epochs - 1, validating
     and checkpointing after each; returns the exit status (1 on a non-finite loss or a failed
     sanity check)."""

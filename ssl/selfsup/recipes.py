@@ -48,6 +48,11 @@ CONFIG_KEYS: tuple[str, ...] = tuple(dict.fromkeys(
        for key in layer if key not in INFO_KEYS]))
 
 
+def defaults_by_method(flag: str) -> str:
+    """Each method's default of `flag`, for a flag's help: 'moco 128, byol 256, simclr 128'."""
+    return ", ".join(f"{name} {cls.defaults[flag]}" for name, cls in METHODS.items() if flag in cls.defaults)
+
+
 def small_preset(method: str) -> str:
     """The name of `method`'s small-image preset (every method has one: `small-<method>`)."""
     return f"small-{method}"
@@ -77,7 +82,7 @@ def linear_protocol(args: argparse.Namespace, method: str | None) -> str:
     recorded). Each flag given on the command line wins on its own; the others keep the protocol's.
     A recorded method this project does not know is a UsageError unless every flag is given.
     Returns a line saying what was chosen and why, for the log."""
-    given = [key for key in PROTOCOL_FLAGS if getattr(args, key) is not None]  # the command line's, or the resumed run's
+    given = [key for key in PROTOCOL_FLAGS if getattr(args, key) is not None]  # by the command line or the run resumed
     if method is None or method in LINEAR:
         name = method or DEFAULT_METHOD
         protocol = LINEAR[name]
