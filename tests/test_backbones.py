@@ -104,3 +104,13 @@ def test_a_new_family_is_one_module_and_one_entry(monkeypatch):
     # Loading checks every key of the family's names, as for ResNets.
     with pytest.raises(CheckpointError, match="Missing keys: \\['ln.bias'\\]"):
         load_backbone(TinyViT(3), {k: v for k, v in weights.items() if k != "ln.bias"})
+
+
+def test_the_builder_hands_backbone_options_to_the_backbones_constructor():
+    from selfsup.builder import build_model
+
+    model = build_model("simclr", "resnet18", backbone_options={"zero_init_residual": True}, dim=8, hidden_dim=16)
+    # torchvision's option: the last BatchNorm of every residual block starts at zero.
+    assert all(not block.bn2.weight.any() for layer in (model.encoder_q.layer1, model.encoder_q.layer4)
+               for block in layer)
+    assert build_model("simclr", "resnet18", dim=8, hidden_dim=16).encoder_q.layer1[0].bn2.weight.all()
