@@ -43,7 +43,7 @@ from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
                            load_pretrained, readable, train_transform)
-from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol
+from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol, protocols_by_method
 from selfsup.resume import restore_run_state
 
 logger = logging.getLogger("main_lincls")
@@ -52,6 +52,7 @@ logger = logging.getLogger("main_lincls")
 def get_args_parser() -> argparse.ArgumentParser:
     """Flags of facebookresearch/moco's main_lincls.py (same names, meanings and defaults) plus ours."""
     p = argparse.ArgumentParser("Linear classification on frozen features", add_help=False)
+    by_method = protocols_by_method  # each method's protocol, for the help
     p.add_argument("data", nargs="?", default=None,
                    help="root with train/ and val/ class folders (ImageNet layout); omit it for the embedded "
                         "Fashion-MNIST demo")
@@ -74,19 +75,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-features", action="store_true",
                    help="also keep the cached features in OUTPUT_DIR (features_train.pth, features_val.pth) for reruns")
     g = p.add_argument_group("optimisation (default: the checkpoint's method's protocol, docs/EVALUATION.md)")
-    g.add_argument("--epochs", default=None, type=int, help="total epochs (MoCo's protocol: 100)")
+    g.add_argument("--epochs", default=None, type=int, help=f"total epochs ({by_method('epochs')})")
     g.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch size over all processes (default: 256)")
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
-                   help="initial learning rate, not scaled with the batch (MoCo: 30; SimCLR, BYOL: 0.1, 0.2 x B/256)")
+                   help=f"initial learning rate, not scaled with the batch ({by_method('lr')})")
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (the protocols') or lars")
     g.add_argument("--momentum", default=0.9, type=float, help="momentum (default: 0.9)")
     g.add_argument("--nesterov", default=None, action=argparse.BooleanOptionalAction,
-                   help="Nesterov momentum (SimCLR's and BYOL's protocols)")
-    g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help="weight decay (protocols: 0)")
+                   help=f"Nesterov momentum ({by_method('nesterov')})")
+    g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help=f"weight decay ({by_method('wd')})")
     g.add_argument("--cos", default=None, action=argparse.BooleanOptionalAction,
-                   help="cosine lr schedule instead of --schedule (SimCLR's and BYOL's protocols)")
+                   help=f"cosine lr schedule instead of --schedule ({by_method('cos')})")
     g.add_argument("--schedule", default=None, nargs="*", type=int,
-                   help="epochs at which to drop the lr by 10x when not --cos (MoCo's protocol: 60 80)")
+                   help=f"epochs at which to drop the lr by 10x when not --cos ({by_method('schedule')})")
     g.add_argument("--seed", default=0, type=int, help="seed of the classifier's init, data order and augmentation")
     g = p.add_argument_group("distributed (torchrun needs none of these)")
     add_device_args(g, moco_gpu=True)

@@ -53,6 +53,15 @@ def defaults_by_method(flag: str) -> str:
     return ", ".join(f"{name} {cls.defaults[flag]}" for name, cls in METHODS.items() if flag in cls.defaults)
 
 
+def protocols_by_method(key: str) -> str:
+    """Each method's linear protocol for `key`, for a flag's help: 'moco 30, byol 0.2 x B/256, ...'."""
+    def value(protocol: dict) -> str:
+        if key == "lr" and "lr" not in protocol:
+            return f"{protocol['lr_per_256']:g} x B/256"
+        return f"{protocol[key]:g}" if isinstance(protocol[key], float) else str(protocol[key])
+    return ", ".join(f"{name} {value(protocol)}" for name, protocol in LINEAR.items())
+
+
 def small_preset(method: str) -> str:
     """The name of `method`'s small-image preset (every method has one: `small-<method>`)."""
     return f"small-{method}"
