@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # The small real dataset that ships with the repository (see data/fashion-mnist-demo/README.md).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # ssl/selfsup/data/__init__.py -> the clone
 DEMO_ROOT = REPO_ROOT / "data" / "fashion-mnist-demo"
 
 
