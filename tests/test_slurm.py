@@ -137,6 +137,22 @@ def test_one_task_on_a_node_of_several_gpus_is_refused_with_the_fix():
     assert D.local_gpu(torchrun_env, None, None, cuda_count=8) == 1  # torchrun's choice is left alone
 
 
+def test_loader_workers_and_error_lines_follow_the_srun_task(monkeypatch, capsys):
+    from selfsup.cli import default_workers, report
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for k in LAUNCHER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in srun_env(1, ntasks=8, SLURM_STEP_TASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="5").items():
+        monkeypatch.setenv(k, v)
+    assert default_workers() == 4  # the task's 5 CPUs, one left for the process itself
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert default_workers() == 1  # 16 CPUs shared by the node's 8 tasks
+    assert report(ValueError("bad flag")) == 2 and capsys.readouterr().err == ""  # task 1 leaves it to task 0
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert report(ValueError("bad flag")) == 2 and capsys.readouterr().err == "error: bad flag\n"
+
+
 def test_broken_slurm_variables_are_one_line_each():
     with pytest.raises(ValueError, match="SLURM_STEP_TASKS_PER_NODE='8x2'"):
         D.launch_env(srun_env(0, SLURM_STEP_TASKS_PER_NODE="8x2"))
@@ -192,9 +208,9 @@ def test_two_srun_tasks_without_torchrun_equal_torchrun(folder, tmp_path, refere
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     logs = [t.communicate(timeout=300)[0] for t in tasks]
     assert all(t.returncode == 0 for t in tasks), "\n".join(log[-3000:] for log in logs)
-    assert f"world: 2 process(es) from SLURM job {job}" in logs[0], logs[0][-3000:]
-    assert f"tcp://127.0.0.1:{D.job_port(job)}" in logs[0]
     assert_bitwise_equal(reference, load(out / "checkpoint.pth.tar"))
+    assert f"world: 2 process(es) from SLURM job {job}" in logs[0], logs[0][-3000:]
+    assert f"tcp://127.0.0.1:{D.job_port(job)}" in logs[0]  # the first host of '127.0.0.[1]', the job's port
 
 
 # ---------------------------------------------------------------------------------------------- submitit
@@ -305,8 +321,8 @@ def test_submitit_local_runs_a_two_task_job_to_the_end(folder, tmp_path, referen
     job, log, printed = submit_local("tools/submitit_pretrain.py", [str(folder), *RUN], job_dir)
     assert f"logs: {log}" in printed and f"follow: tail -f {log}" in printed
     assert task_results(job_dir, job) == ("success", 0), log.read_text()[-3000:]
-    assert "world: 2 process(es)" in log.read_text()
     assert_bitwise_equal(reference, load(job_dir / "checkpoint.pth.tar"))
+    assert "world: 2 process(es)" in log.read_text()
 
 
 @pytest.mark.e2e

@@ -25,6 +25,7 @@ import argparse
 import copy
 import importlib
 import inspect
+import logging
 import os
 import shutil
 import signal
@@ -82,6 +83,7 @@ class SubmittedRun:
     def __call__(self) -> int:
         import submitit
 
+        logging.getLogger("submitit").propagate = False  # it has its own handler; the scripts' would repeat it
         job = submitit.JobEnvironment()
         if job.cluster != "slurm":  # submitit's local executor: its tasks get what torchrun would give them
             os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
