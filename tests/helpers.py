@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib
 import os
 import socket
-import struct
 import subprocess
 import sys
 import traceback
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from selfsup.data import write_idx  # noqa: F401  (the tests' idx files)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,13 +119,6 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300, **env: str) -> sub
     """`torchrun --standalone --nproc_per_node=nproc` on CPU (gloo)."""
     return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
                       timeout=timeout, **env)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a gzipped unsigned-byte IDX file (the MNIST / Fashion-MNIST format)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def fake_fashion_mnist(root: Path, n_train: int = 160, n_test: int = 60, seed: int = 0) -> Path:

@@ -77,6 +77,79 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# ---------------------------------------------------------------------------------------------- entry points
+# First: what would stop a user. gpu_check's smoke part runs the file in order within its budget.
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+def test_pretraining_one_process(method, folder, tmp_path):
+    out = ok(run_script(["main_pretrain.py", str(folder), "--method", method, *TINY, "--device", str(DEVICE),
+                         "--output-dir", str(tmp_path / "run")], **ENV))
+    assert f"1 process(es) on {DEVICE.type}" in out and "held in memory" in out
+    ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
+    assert ckpt["device_type"] == DEVICE.type and ckpt["global_step"] == 3
+
+
+def test_pretraining_under_torchrun_with_the_device_backend(folder, tmp_path):
+    extra = ["--sync-bn"] if ON_GPU else ["--bn-splits", "2"]
+    out = ok(torchrun(1, ["main_pretrain.py", str(folder), "--method", "moco", *TINY, "--dist-backend", BACKEND,
+                          *extra, "--knn-every", "1", "--output-dir", str(tmp_path / "run")], **ENV))
+    assert re.search(rf"1 process\(es\) on {DEVICE.type}(:0)? \({BACKEND}\)", out), out[-3000:]
+    assert "kNN top-1" in out
+
+
+def test_kill_and_resume_on_the_device_is_bitwise(folder, tmp_path):
+    run = ["main_pretrain.py", str(folder), "--method", "moco", *TINY, "--epochs", "2", "--device", str(DEVICE),
+           "--deterministic", "--bn-splits", "2"]
+    ok(run_script([*run, "--output-dir", str(tmp_path / "ref")], **ENV))
+    args = [*run[1:], "--save-every-steps", "2", "--output-dir", str(tmp_path / "run")]
+    killed = run_script(["tests/fault_inject.py", *args], FAULT="kill:4", **ENV)
+    assert killed.returncode == 137, killed.stdout[-3000:] + killed.stderr[-3000:]
+    out = ok(run_script(["main_pretrain.py", *args], **ENV))
+    assert "(global step 4)" in out
+    a, b = load(tmp_path / "ref" / "checkpoint.pth.tar"), load(tmp_path / "run" / "checkpoint.pth.tar")
+    differ = [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])]
+    assert not differ, f"{len(differ)} of {len(a['state_dict'])} tensors differ, e.g. {differ[:3]}"
+
+
+def test_bf16_pretraining_and_the_batched_backend(tmp_path):
+    data = make_image_folder(tmp_path / "big", classes=2, per_class=16, size=80)  # > 64 px: decode + crops
+    out = ok(run_script(["main_pretrain.py", str(data), "--method", "byol", *TINY, "--image-size", "64", "-j", "2",
+                         "--amp", "bf16", "--channels-last", "--device", str(DEVICE),
+                         "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "batched" in out or "colour" in out
+    loss = [float(x) for x in re.findall(r"Epoch 0 done: loss ([0-9.]+)", out)]
+    assert loss and all(0 < v < 10 for v in loss)
+
+
+def test_evaluations_and_detection_run_on_the_device(folder, tmp_path):
+    ok(run_script(["main_pretrain.py", str(folder), "--method", "simclr", *TINY, "--device", str(DEVICE),
+                   "--output-dir", str(tmp_path / "run")], **ENV))
+    ckpt = str(tmp_path / "run" / "checkpoint.pth.tar")
+    out = ok(run_script(["main_lincls.py", str(folder), "--pretrained", ckpt, "--epochs", "2", "-b", "16", "-j", "0",
+                         "--lr", "0.5", "--device", str(DEVICE), "--output-dir", str(tmp_path / "lin")], **ENV))
+    assert "sanity check passed" in out
+    ok(run_script(["main_lincls.py", str(folder), "--pretrained", ckpt, "--epochs", "1", "-b", "16", "-j", "0",
+                   "--train-aug", "none", "--device", str(DEVICE), "--output-dir", str(tmp_path / "lin-cached")], **ENV))
+    out = ok(run_script(["main_knn.py", str(folder), "--pretrained", ckpt, "--k", "5", "-b", "16", "-j", "0",
+                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "knn")], **ENV))
+    assert "5-NN" in out
+    shapes = tmp_path / "shapes"
+    ok(run_script(["detection/make_synthetic.py", str(shapes), "--train", "16", "--test", "8"], **ENV))
+    out = ok(run_script(["detection/train_torchvision.py", "--recipe", "demo", "--random-init", "--data-root",
+                         str(shapes), "--max-iter", "6", "--steps", "4", "--warmup-iters", "2", "-b", "4",
+                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "det")], **ENV))
+    assert "AP50" in out
+
+
+def test_two_gloo_processes_share_the_device(folder, tmp_path):
+    device = "cuda:0" if ON_GPU else "cpu"
+    out = ok(torchrun(2, ["main_pretrain.py", str(folder), "--method", "simclr", *TINY, "--device", device,
+                          "--dist-backend", "gloo", "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "2 process(es)" in out and "(gloo)" in out
+    assert load(tmp_path / "run" / "checkpoint.pth.tar")["world_size"] == 2
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 
@@ -139,20 +212,6 @@ def test_channels_last_gives_the_same_step():
     a, b = grads.values()
     assert a[0] == pytest.approx(b[0], rel=1e-4)
     assert (b[1] - a[1]).norm() < 1e-3 * a[1].norm()  # summation orders differ: compare the whole gradient
-
-
-@pytest.mark.skipif(not ON_GPU, reason="compiling on the CPU takes minutes (tests/test_augment_step.py covers it)")
-def test_compiled_networks_train_like_eager_ones():
-    torch.manual_seed(0)
-    model = build_model("simclr", "resnet18", dim=32, hidden_dim=64).to(DEVICE)
-    compiled = copy.deepcopy(model)
-    reason = compile_networks(compiled, DEVICE)
-    assert reason is None, reason
-    x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE)
-    eager, fast = model(x1, x2), compiled(x1, x2)
-    fast.backward()
-    assert fast.item() == pytest.approx(eager.item(), rel=1e-3)
-    assert set(dict(compiled.named_parameters())) == set(dict(model.named_parameters()))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="SyncBatchNorm has no CPU kernel")
@@ -232,74 +291,27 @@ def test_a_training_step_waits_for_the_gpu_only_at_its_event():
     assert per_step and all(n == 0 for n in per_step), (per_step, [str(w.message)[:120] for w in caught][:6])
 
 
-# ---------------------------------------------------------------------------------------------- entry points
+# ---------------------------------------------------------------------------------------------- compile
+# Optional (gpu_check's last part, `-k compile`): a cold torch.compile takes a minute.
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
-def test_pretraining_one_process(method, folder, tmp_path):
-    out = ok(run_script(["main_pretrain.py", str(folder), "--method", method, *TINY, "--device", str(DEVICE),
-                         "--output-dir", str(tmp_path / "run")], **ENV))
-    assert f"1 process(es) on {DEVICE.type}" in out and "held in memory" in out
-    ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
-    assert ckpt["device_type"] == DEVICE.type and ckpt["global_step"] == 3
+@pytest.mark.skipif(not ON_GPU, reason="compiling on the CPU takes minutes (tests/test_augment_step.py covers it)")
+def test_compiled_networks_train_like_eager_ones():
+    torch.manual_seed(0)
+    model = build_model("simclr", "resnet18", dim=32, hidden_dim=64).to(DEVICE)
+    compiled = copy.deepcopy(model)
+    reason = compile_networks(compiled, DEVICE)
+    assert reason is None, reason
+    x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE)
+    eager, fast = model(x1, x2), compiled(x1, x2)
+    fast.backward()
+    assert fast.item() == pytest.approx(eager.item(), rel=1e-3)
+    assert set(dict(compiled.named_parameters())) == set(dict(model.named_parameters()))
 
 
-def test_pretraining_under_torchrun_with_the_device_backend(folder, tmp_path):
-    extra = ["--sync-bn"] if ON_GPU else ["--bn-splits", "2"]
-    out = ok(torchrun(1, ["main_pretrain.py", str(folder), "--method", "moco", *TINY, "--dist-backend", BACKEND,
-                          *extra, "--knn-every", "1", "--output-dir", str(tmp_path / "run")], **ENV))
-    assert re.search(rf"1 process\(es\) on {DEVICE.type}(:0)? \({BACKEND}\)", out), out[-3000:]
-    assert "kNN top-1" in out
-
-
-@pytest.mark.parametrize("method", ["moco", "simclr"])
-def test_two_gloo_processes_share_the_device(method, folder, tmp_path):
-    device = "cuda:0" if ON_GPU else "cpu"
-    out = ok(torchrun(2, ["main_pretrain.py", str(folder), "--method", method, *TINY, "--device", device,
-                          "--dist-backend", "gloo", "--output-dir", str(tmp_path / "run")], **ENV))
-    assert "2 process(es)" in out and "(gloo)" in out
-    assert load(tmp_path / "run" / "checkpoint.pth.tar")["world_size"] == 2
-
-
-def test_bf16_pretraining_and_the_batched_backend(tmp_path):
-    data = make_image_folder(tmp_path / "big", classes=2, per_class=16, size=80)  # > 64 px: decode + crops
-    out = ok(run_script(["main_pretrain.py", str(data), "--method", "byol", *TINY, "--image-size", "64", "-j", "2",
-                         "--amp", "bf16", "--channels-last", "--device", str(DEVICE),
-                         "--output-dir", str(tmp_path / "run")], **ENV))
-    assert "batched" in out or "colour" in out
-    loss = [float(x) for x in re.findall(r"Epoch 0 done: loss ([0-9.]+)", out)]
-    assert loss and all(0 < v < 10 for v in loss)
-
-
-def test_kill_and_resume_on_the_device_is_bitwise(folder, tmp_path):
-    run = ["main_pretrain.py", str(folder), "--method", "moco", *TINY, "--epochs", "2", "--device", str(DEVICE),
-           "--deterministic", "--bn-splits", "2"]
-    ok(run_script([*run, "--output-dir", str(tmp_path / "ref")], **ENV))
-    args = [*run[1:], "--save-every-steps", "2", "--output-dir", str(tmp_path / "run")]
-    killed = run_script(["tests/fault_inject.py", *args], FAULT="kill:4", **ENV)
-    assert killed.returncode == 137, killed.stdout[-3000:] + killed.stderr[-3000:]
-    out = ok(run_script(["main_pretrain.py", *args], **ENV))
-    assert "(global step 4)" in out
-    a, b = load(tmp_path / "ref" / "checkpoint.pth.tar"), load(tmp_path / "run" / "checkpoint.pth.tar")
-    differ = [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])]
-    assert not differ, f"{len(differ)} of {len(a['state_dict'])} tensors differ, e.g. {differ[:3]}"
-
-
-def test_evaluations_and_detection_run_on_the_device(folder, tmp_path):
-    ok(run_script(["main_pretrain.py", str(folder), "--method", "simclr", *TINY, "--device", str(DEVICE),
-                   "--output-dir", str(tmp_path / "run")], **ENV))
-    ckpt = str(tmp_path / "run" / "checkpoint.pth.tar")
-    out = ok(run_script(["main_lincls.py", str(folder), "--pretrained", ckpt, "--epochs", "2", "-b", "16", "-j", "0",
-                         "--lr", "0.5", "--device", str(DEVICE), "--output-dir", str(tmp_path / "lin")], **ENV))
-    assert "sanity check passed" in out
-    ok(run_script(["main_lincls.py", str(folder), "--pretrained", ckpt, "--epochs", "1", "-b", "16", "-j", "0",
-                   "--train-aug", "none", "--device", str(DEVICE), "--output-dir", str(tmp_path / "lin-cached")], **ENV))
-    out = ok(run_script(["main_knn.py", str(folder), "--pretrained", ckpt, "--k", "5", "-b", "16", "-j", "0",
-                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "knn")], **ENV))
-    assert "5-NN" in out
-    shapes = tmp_path / "shapes"
-    ok(run_script(["detection/make_synthetic.py", str(shapes), "--train", "16", "--test", "8"], **ENV))
-    out = ok(run_script(["detection/train_torchvision.py", "--recipe", "demo", "--random-init", "--data-root",
-                         str(shapes), "--max-iter", "6", "--steps", "4", "--warmup-iters", "2", "-b", "4",
-                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "det")], **ENV))
-    assert "AP50" in out
+@pytest.mark.skipif(not ON_GPU, reason="compiling on the CPU takes minutes (tests/test_augment_step.py covers the fallback)")
+def test_pretraining_with_compile_on_the_device(folder, tmp_path):
+    out = ok(run_script(["main_pretrain.py", str(folder), "--method", "byol", *TINY, "--compile", "--amp", "bf16",
+                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "--compile: networks compiled" in out and "--compile skipped" not in out
+    assert load(tmp_path / "run" / "checkpoint.pth.tar")["global_step"] == 3

@@ -240,6 +240,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
 
 
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (gzipped when `path` ends in .gz): `read_idx`'s inverse."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
 def _find_idx(root: Path, stem: str) -> Path | None:
     for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
         for name in (stem, stem + ".gz"):
