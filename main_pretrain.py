@@ -217,7 +217,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     return model, optimizer, scaler, pipeline, monitor
 
 
-def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
+def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | None = None) -> int:
     setup_logging(dist_info.rank)
     built = error = None
     try:
@@ -264,7 +264,7 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
     ctx = StepContext(epochs=args.epochs, steps_per_epoch=steps, base_lr=args.lr, cos=args.cos,
                       schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
                       print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info,
-                      stop=StopRequest(announce=dist_info.is_main),
+                      stop=stop or StopRequest(announce=dist_info.is_main),
                       scalars=lambda values, step: metrics.scalars(values, step, "pretrain_step/"))
     try:
         # The key/target network has requires_grad=False, so DDP ignores it: no unused parameters.
@@ -277,9 +277,10 @@ def train(args: argparse.Namespace, dist_info: DistInfo) -> int:
         metrics.close()
 
 
-def main(args: argparse.Namespace) -> int:
-    """Set up this process (and its process group), train, and return the exit status."""
-    return run_in_process_group(train, args, args.device)
+def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
+    """Set up this process (and its process group), train, and return the exit status. A launcher passes its
+    own `stop` to learn which signal ended the run (tools/submitit_pretrain.py requeues on submitit's)."""
+    return run_in_process_group(lambda a, d: train(a, d, stop), args, args.device)
 
 
 def cli(argv: list[str] | None = None) -> int:

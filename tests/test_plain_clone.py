@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e  # every test here runs the scripts end to end
 
 ENTRY_POINTS = ["main_pretrain.py", "main_lincls.py", "main_knn.py", "tools/benchmark.py", "tools/fmnist_benchmark.py",
                 "tools/gpu_check.py", "tools/make_demo_data.py", "tools/show_neighbors.py", "tools/plot_metrics.py",
+                "tools/submitit_pretrain.py", "tools/submitit_lincls.py",
                 "detection/convert_to_detectron2.py", "detection/train_torchvision.py", "detection/make_synthetic.py"]
 
 

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .distributed import DistInfo, concat_all_gather
+from .distributed import DistInfo, LaunchEnv, concat_all_gather, launch_env
 from .errors import UsageError
 
 
@@ -60,10 +60,19 @@ def write_args(output_dir: str | os.PathLike, args: argparse.Namespace, dist: Di
 
 def report(error: BaseException) -> int:
     """Print a usage error found before any process group exists - once, not once per torchrun
-    worker (the others share it) - and return the exit status, 2."""
-    if os.environ.get("RANK", "0") == "0":
+    worker or srun task (the others share it) - and return the exit status, 2."""
+    if _launched().rank == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
     return 2
+
+
+def _launched() -> LaunchEnv:
+    """This process's place in the job before any process group (torchrun's or srun's variables);
+    one process's when they cannot be read (setting up the process group reports why)."""
+    try:
+        return launch_env()
+    except ValueError:
+        return LaunchEnv()
 
 
 def check_numbers(args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
@@ -81,12 +90,15 @@ def check_numbers(args: argparse.Namespace, positive: tuple[str, ...] = (), non_
 
 def default_workers() -> int:
     """Loader workers per process when -j is not given: the CPUs this process may use, shared by
-    the processes of this node (LOCAL_WORLD_SIZE), one left for the process itself; 1 to 8."""
+    the processes of this node (LOCAL_WORLD_SIZE), or the CPUs SLURM gave this task
+    (SLURM_CPUS_PER_TASK, under srun), one left for the process itself; 1 to 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    env = _launched()
+    mine = min(env.cpus_per_task, cpus) if env.cpus_per_task else cpus // env.local_world_size
+    return max(1, min(8, mine - 1))
 
 
 def evaluation_folder(pretrained: str | os.PathLike, kind: str) -> Path:
@@ -148,11 +160,11 @@ def launch(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         try:
             return main(args)
         except KeyboardInterrupt:  # a Ctrl-C during setup, or the second one during training
-            if int(os.environ.get("RANK", "0")) == 0:
+            if _launched().rank == 0:
                 print("\ninterrupted: stopped at once; checkpoints already written are intact, and the same command "
                       "resumes from the last one", file=sys.stderr, flush=True)
             return 130
-    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+    if _launched().launcher == "torchrun":
         print("error: --multiprocessing-distributed spawns its own processes; do not combine it with torchrun",
               file=sys.stderr)
         return 2

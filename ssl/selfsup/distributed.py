@@ -3,6 +3,9 @@
 Every helper here is an identity (or a constant) when no process group is initialised, so the
 models and the training loop never branch on "am I distributed?".
 
+A process learns its place in the job here and nowhere else (`launch_env`): from torchrun's
+variables, or from SLURM's when srun started it without torchrun.
+
 Every collective of the project goes through this module (tests/test_distributed.py scans the
 sources for any other call). The helpers move their tensors to the process group's device and
 give the results back on the caller's device: NCCL serves CUDA tensors only ("No backend type
@@ -17,12 +20,15 @@ import datetime
 import inspect
 import logging
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .meters import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,153 @@ def _on_group_device(x: torch.Tensor, copy: bool) -> torch.Tensor:
 def barrier() -> None:
     if is_dist_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a process's world comes from: torchrun's variables, or SLURM's in a task srun started
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in the job as its launcher describes it, read before any process group.
+
+    `launcher` is 'torchrun' when RANK/WORLD_SIZE are set (torchrun, MoCo's --multiprocessing-distributed,
+    submitit's local executor through tools/submitit_pretrain.py), 'srun' for a SLURM task, None for
+    one process. `origin` says so in words, for the log."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
+    master_addr: str | None = None  # the rendezvous (rank 0's host and a free port on it)
+    master_port: int | None = None
+    cpus_per_task: int | None = None  # SLURM_CPUS_PER_TASK: the CPUs SLURM gave this process
+    launcher: str | None = None
+    origin: str = "one process (no RANK/WORLD_SIZE from torchrun, not an srun task)"
+
+
+# Tasks per node, SLURM's compressed form: '8(x2),4' is 8 tasks on each of two nodes, 4 on a third.
+_TASKS_PER_NODE = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+MAX_RANGE = 65536  # hosts in one range; SLURM's own limit (hostlist.c's MAX_RANGE)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The hostnames of a SLURM node list, in order, as `scontrol show hostnames` prints them.
+
+    SLURM's grammar (src/common/hostlist.c): hosts are separated by commas or spaces outside
+    brackets; a bracket holds numbers and ranges `lo-hi` separated by commas, each printed
+    zero-padded to the width of its `lo` ('node[08-10]' -> node08 node09 node10); several
+    brackets in one name expand as a product, the first one slowest ('r[1-2]-n[1-2]' -> r1-n1 r1-n2
+    r2-n1 r2-n2), and text may follow the last ('n[1-2]-ib', which SLURM reads from 23.02.5 on).
+    Raises ValueError naming the part it cannot read.
+    """
+    hosts: list[str] = []
+    token, depth = "", 0
+    for ch in nodelist + ",":
+        if ch in ", \t\n" and depth == 0:
+            if token:
+                hosts += _expand_host(token, nodelist)
+            token = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"node list '{nodelist}': brackets do not pair up (or nest) in '{token + ch}'")
+        token += ch
+    if depth:
+        raise ValueError(f"node list '{nodelist}': a '[' is not closed")
+    return hosts
+
+
+def _expand_host(name: str, nodelist: str) -> list[str]:
+    """One host expression of a node list: 'gpu-[1-2]-[3-4]' -> gpu-1-3 gpu-1-4 gpu-2-3 gpu-2-4."""
+    start = name.find("[")
+    if start < 0:
+        return [name]
+    end = name.index("]", start)
+    numbers = []
+    for item in name[start + 1:end].split(","):
+        m = _RANGE.fullmatch(item)
+        if m is None or int(m[1]) > int(m[2] or m[1]) or int(m[2] or m[1]) - int(m[1]) >= MAX_RANGE:
+            raise ValueError(f"node list '{nodelist}': '{item}' in '{name}' is not a number or a range lo-hi "
+                             f"(lo <= hi, at most {MAX_RANGE} hosts)")
+        numbers += [f"{n:0{len(m[1])}d}" for n in range(int(m[1]), int(m[2] or m[1]) + 1)]
+    tails = _expand_host(name[end + 1:], nodelist) if name[end + 1:] else [""]
+    return [name[:start] + number + tail for number in numbers for tail in tails]
+
+
+def _tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """The tasks on node `node` (0-based) from SLURM's '8(x2),4' form."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = _TASKS_PER_NODE.fullmatch(part.strip())
+        if m is None:
+            raise ValueError(f"SLURM_STEP_TASKS_PER_NODE='{tasks_per_node}' is not of the form 8(x2),4")
+        counts += [int(m[1])] * int(m[2] or 1)
+    if node >= len(counts):
+        raise ValueError(f"SLURM_STEP_TASKS_PER_NODE='{tasks_per_node}' names {len(counts)} node(s), this is node "
+                         f"{node}")
+    return counts[node]
+
+
+def job_port(job_id: str) -> int:
+    """The rendezvous port of a job: 15000 + the job id's last four digits, as PyTorch
+    Lightning's SLURM environment picks it, so every task of the job (and its requeued runs)
+    derives the same one. Two jobs on one node whose ids end alike collide: set MASTER_PORT."""
+    return 15000 + int(job_id) % 10000
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Where this process's world comes from, read from `environ` (default: os.environ).
+
+    torchrun's variables win (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT). Without them, a task started by srun takes SLURM's: rank SLURM_PROCID, world
+    size SLURM_STEP_NUM_TASKS, local rank SLURM_LOCALID, the tasks on its node from
+    SLURM_STEP_TASKS_PER_NODE, the rendezvous at the first host of SLURM_STEP_NODELIST (rank 0's
+    node under srun's block distribution) on `job_port(SLURM_JOB_ID)`; MASTER_ADDR and
+    MASTER_PORT, when set, win over those two. A batch script's own shell also has SLURM_PROCID
+    but no step variables: a process started there without srun is one process.
+    Raises ValueError naming the variable it cannot read.
+    """
+    env = os.environ if environ is None else environ
+    master_port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None
+    if "RANK" in env or "WORLD_SIZE" in env:
+        world, addr = int(env.get("WORLD_SIZE", "1")), env.get("MASTER_ADDR")
+        return LaunchEnv(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
+                         local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")), master_addr=addr,
+                         master_port=master_port, launcher="torchrun",
+                         origin=f"{world} process(es) from RANK/WORLD_SIZE (torchrun or a launcher)"
+                                + (f", rendezvous env:// at {addr}:{master_port}" if addr else ""))
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        tasks = env.get("SLURM_NTASKS", "1")
+        if tasks.isdigit() and int(tasks) > 1:
+            return LaunchEnv(origin=f"one process, although SLURM job {env.get('SLURM_JOB_ID')} has {tasks} tasks: "
+                                    "this process was not started by srun (srun python ... starts one per task)")
+        return LaunchEnv()
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    master_addr = env.get("MASTER_ADDR") or next(iter(expand_nodelist(nodelist)), None)
+    if master_addr is None:
+        raise ValueError("srun started this process but SLURM_STEP_NODELIST is empty: set MASTER_ADDR to the host "
+                         "of task 0")
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID", "")
+    if master_port is None and not job_id.isdigit():
+        raise ValueError(f"srun started this process but SLURM_JOB_ID='{job_id}' is not a job number to derive the "
+                         "rendezvous port from: set MASTER_PORT")
+    master_port = master_port or job_port(job_id)
+    node = int(env.get("SLURM_STEP_NODEID") or env.get("SLURM_NODEID") or "0")
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    where = ("MASTER_ADDR" if env.get("MASTER_ADDR") else f"first node of '{nodelist}'",
+             "MASTER_PORT" if env.get("MASTER_PORT") else "port from the job id")
+    return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=world, local_rank=int(env.get("SLURM_LOCALID", "0")),
+                     local_world_size=_tasks_on_node(tasks_per_node, node) if tasks_per_node else 1,
+                     master_addr=master_addr, master_port=master_port,
+                     cpus_per_task=int(cpus) if cpus and cpus.isdigit() else None, launcher="srun",
+                     origin=f"{world} process(es) from SLURM job {job_id} (srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS, "
+                            f"SLURM_LOCALID), rendezvous tcp://{master_addr}:{master_port} ({where[0]}, {where[1]})")
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,35 +318,49 @@ def choose_backend(requested: str, device: torch.device, world_size: int, local_
     return backend
 
 
-def init_distributed(device: str | None = None, backend: str = "auto", gpu: int | None = None,
-                     timeout_minutes: float = 30.0) -> DistInfo:
-    """Pick this process's device and set up its process group from torchrun's environment
-    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+def local_gpu(env: LaunchEnv, requested: str | None, gpu: int | None, cuda_count: int) -> int:
+    """Which visible GPU '--device cuda' (or no --device) means for this process: GPU LOCAL_RANK,
+    one process per GPU; for an srun task that sees one GPU, that GPU (SLURM binds each task to
+    its own with --gpus-per-task=1). Refuses an srun task alone on a node with several GPUs, which
+    would leave all but one idle, with the fix."""
+    if (env.launcher == "srun" and env.local_world_size == 1 and cuda_count > 1 and gpu is None
+            and requested in (None, "cuda")):
+        raise ValueError(f"srun started one task on this node, which sees {cuda_count} GPUs: only one of them would "
+                         f"train. Start one task per GPU (srun --ntasks-per-node={cuda_count} --gpus-per-task=1 ...), "
+                         "or pass --device cuda:0 to train on one GPU on purpose")
+    return 0 if env.launcher == "srun" and cuda_count == 1 else env.local_rank
 
-    With `backend` 'auto' a single process (no such variables, or WORLD_SIZE=1) gets no group.
+
+def init_distributed(device: str | None = None, backend: str = "auto", gpu: int | None = None,
+                     timeout_minutes: float = 30.0, env: LaunchEnv | None = None) -> DistInfo:
+    """Pick this process's device and set up its process group from its launcher's environment
+    (`env`, default `launch_env()`: torchrun's variables, or SLURM's in an srun task).
+
+    With `backend` 'auto' a single process (no such variables, or a world of 1) gets no group.
     An explicit 'nccl' or 'gloo' always makes one, at world size 1 too, so that one GPU runs the
     NCCL code path (torchrun's variables, or a group of this process alone). Raises ValueError
     with the fix when the device or backend cannot work.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun and our launcher set it
+    env = env or launch_env()
+    rank, world_size = env.rank, env.world_size
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    dev = choose_device(device, gpu, local_rank, world_size, cuda_count, warn=rank == 0)
+    dev = choose_device(device, gpu, local_gpu(env, device, gpu, cuda_count), world_size, cuda_count, warn=rank == 0)
     explicit_index = gpu is None and device is not None and ":" in device
-    name = choose_backend(backend, dev, world_size, local_world_size, explicit_index)
+    name = choose_backend(backend, dev, world_size, env.local_world_size, explicit_index)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # object collectives and NCCL use the current device
     if is_dist_initialized():
-        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=env.local_rank, device=dev,
                         backend=dist.get_backend())
     if world_size == 1 and backend == "auto":
-        return DistInfo(rank=0, world_size=1, local_rank=local_rank, device=dev)
+        return DistInfo(rank=0, world_size=1, local_rank=env.local_rank, device=dev)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     kwargs = {"device_id": dev} if name == "nccl" else {}  # binds NCCL to this GPU, avoids a guess in barrier()
-    if "MASTER_ADDR" in os.environ:
-        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    if env.master_addr is not None:
+        # torchrun's env:// connects to the store its agent already serves; under srun task 0
+        # serves one at the address derived from SLURM's variables.
+        url = "env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
+        store, rank, world_size = next(dist.rendezvous(url, rank=rank, world_size=world_size, timeout=timeout))
         # torchrun shares its rendezvous store with the workers, so after a --max-restarts restart
         # the new group could read the dead group's addresses (pytorch/pytorch#135712) and fail to
         # connect. Each attempt gets its own key space.
@@ -205,7 +372,7 @@ def init_distributed(device: str | None = None, backend: str = "auto", gpu: int 
         raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: start the processes with "
                          "torchrun (or --multiprocessing-distributed), which sets them")
     dist.init_process_group(backend=name, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=name)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=env.local_rank, device=dev, backend=name)
 
 
 def cleanup_distributed() -> None:
@@ -214,15 +381,20 @@ def cleanup_distributed() -> None:
 
 
 def run_in_process_group(fn: Callable[..., int], args, device: str | None = None) -> int:
-    """`fn(args, dist_info)` inside this process's group (torchrun's environment, or none at
-    world size 1), which is torn down afterwards, also when `fn` raises. The entry scripts'
-    `main`; reads `args.dist_backend` and MoCo's `args.gpu` when they exist. A device or backend
-    that cannot work is reported as one line, exit status 2."""
+    """`fn(args, dist_info)` inside this process's group (torchrun's or srun's environment, or none
+    at world size 1), which is torn down afterwards, also when `fn` raises. The entry scripts'
+    `main`; reads `args.dist_backend` and MoCo's `args.gpu` when they exist. Rank 0 logs where the
+    world came from. A device, backend or launch environment that cannot work is reported as one
+    line, exit status 2."""
     try:
-        dist_info = init_distributed(device, getattr(args, "dist_backend", None) or "auto", getattr(args, "gpu", None))
+        env = launch_env()
+        dist_info = init_distributed(device, getattr(args, "dist_backend", None) or "auto", getattr(args, "gpu", None),
+                                     env=env)
     except ValueError as e:
         print(f"error: {e}", flush=True)
         return 2
+    setup_logging(dist_info.rank)
+    logger.info("world: %s", env.origin)
     try:
         return fn(args, dist_info)
     finally:

@@ -1,8 +1,9 @@
 """Why a run stops before its end, and how it stops cleanly.
 
-* `StopRequest`: Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's pre-emption warning) become a
-  flag the training loop checks at step boundaries, so it can write a checkpoint and exit with
-  status 0. A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line).
+* `StopRequest`: Ctrl-C (SIGINT), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time
+  limit or pre-emption, with `--signal=USR1@120`; submitit asks for USR2) become a flag the
+  training loop checks at step boundaries, so it can write a checkpoint and exit with status 0.
+  A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line).
 * `ignore_stop_signals`: the loader workers leave those signals to the main process.
 * `NonFiniteLossError`: the loss became NaN or infinite; raised before the step that would
   spread it into the weights.
@@ -19,11 +20,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """Turns Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's pre-emption warning) into a flag checked
+    """Turns Ctrl-C (SIGINT), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warnings) into a flag checked
     at step boundaries, so the run can write a checkpoint and exit cleanly. A second Ctrl-C raises
-    KeyboardInterrupt at once. `announce` (rank 0) says on stderr what the first Ctrl-C does."""
+    KeyboardInterrupt at once. `announce` (rank 0) says on stderr what the first Ctrl-C does.
+    `signum` is the first signal received: a launcher that passes its own StopRequest in learns
+    why the run stopped (tools/submitit_pretrain.py requeues the job on submitit's signal)."""
 
-    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
@@ -67,7 +70,7 @@ def signal_name(signum: int | None) -> str:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: leave Ctrl-C, SIGTERM and SIGUSR1 to the main process.
+    """DataLoader worker_init_fn: leave Ctrl-C, SIGTERM, SIGUSR1 and SIGUSR2 to the main process.
 
     Pre-emption signals often reach the whole process group (SLURM, torchrun's shutdown). A
     worker killed by one makes the main process fail at once; ignoring them lets the main process
