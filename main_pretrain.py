@@ -27,6 +27,7 @@ import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/
 
 from selfsup import recipes
 from selfsup.backbones import ARCHS
+from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, launch, per_process_batch, report,
@@ -75,6 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: resnet50)")
     g.add_argument("--small-stem", default=None, action=argparse.BooleanOptionalAction,
                    help="3x3 stride-1 stem without max-pool, for 28-64 pixel images")
+    g.add_argument("--stop-grad-conv1", default=None, action=argparse.BooleanOptionalAction,
+                   help="ViTs: freeze the random patch projection (moco-v3's stabiliser; its ViT presets)")
     g.add_argument("--moco-dim", default=None, type=int, help=f"output dim ({by_method('moco_dim')})")
     g.add_argument("--moco-k", default=None, type=int, help=f"MoCo queue size ({by_method('moco_k')})")
     g.add_argument("--moco-m", default=None, type=float, help=f"key/target encoder momentum ({by_method('moco_m')})")
@@ -194,6 +197,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
+                        backbone_options=backbone_flag_options(args.arch, vars(args)),
                         **METHODS[args.method].options(vars(args)))
     for warning in model.data_warnings(pipeline.num_images) if dist_info.is_main else ():
         logger.warning(warning)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .backbones import FAMILIES, find_in_state, get_head, head_name
+from .backbones import FAMILIES, find_in_state, get_head, head_name, translate_foreign
 from .errors import CheckpointError
 
 
@@ -171,7 +171,7 @@ def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     the projection/prediction heads, the key/target network and the MoCo queue. Works for this
     project's checkpoints, facebookresearch/moco's, moco-v3's and a plain torchvision state dict.
     """
-    state = model_state_dict(checkpoint)
+    state = translate_foreign(model_state_dict(checkpoint), _BACKBONE_PREFIXES)  # moco-v3's timm ViTs
     prefix, family = find_backbone(state)
     dropped = (f"{family.HEAD}.", *_CLASSIFIER_EXTRAS)
     return {

@@ -30,6 +30,7 @@ COMMON: dict[str, Any] = {
     "cos": False,
     "image_size": 224,
     "small_stem": False,
+    "stop_grad_conv1": False,  # ViTs: a frozen random patch projection (moco-v3)
     "bn_splits": 1,
     "sync_bn": False,
     "classic_momentum": False,

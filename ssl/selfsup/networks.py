@@ -102,12 +102,13 @@ LAST_NORMS = (None, "bn", "bn_scale")
 
 
 def build_mlp(
-    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_norm: str | None = None
+    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_norm: str | None = None,
+    last_bias: bool = True,
 ) -> nn.Sequential:
     """Projection/prediction MLP: (Linear without bias - BN - ReLU) x (num_layers - 1), then the
-    output layer: a Linear with bias (`last_norm` None: BYOL), or a Linear without bias followed by
-    a BatchNorm without affine parameters ("bn": moco-v3) or with a scale and no shift
-    ("bn_scale": SimCLR)."""
+    output layer: a Linear with bias (`last_norm` None: BYOL; without it with `last_bias=False`:
+    moco-v3's ResNet predictor), or a Linear without bias followed by a BatchNorm without affine
+    parameters ("bn": moco-v3) or with a scale and no shift ("bn_scale": SimCLR)."""
     if last_norm not in LAST_NORMS:
         raise ValueError(f"last_norm must be one of {LAST_NORMS}, got {last_norm!r}")
     layers: list[nn.Module] = []
@@ -117,7 +118,7 @@ def build_mlp(
         if i < num_layers - 1:
             layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_norm is None:
-            layers.append(nn.Linear(d_in, d_out))
+            layers.append(nn.Linear(d_in, d_out, bias=last_bias))
         else:
             norm = nn.BatchNorm1d(d_out, affine=False) if last_norm == "bn" else ScaleOnlyBatchNorm1d(d_out)
             layers += [nn.Linear(d_in, d_out, bias=False), norm]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from .backbones import ARCHS, backbone_constructor, forward_features, get_head, head_name, set_head
+from .backbones import ARCHS, backbone_constructor, forward_features, get_head, head_name, rebuild_options, set_head
 from .checkpoint import extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 from .data import ImageDataset, fashion_mnist_root, fashion_mnist_splits, find_samples, find_unreadable, without_files
 from .distributed import DistInfo
@@ -142,7 +142,8 @@ def build_probe(
     missing are the head's (fc.weight and fc.bias), anything else is a CheckpointError listing
     the keys.
     """
-    net = backbone_constructor(arch, small_stem)(num_classes=num_classes)
+    net = backbone_constructor(arch, small_stem, **(rebuild_options(arch, weights) if weights is not None else {}))(
+        num_classes=num_classes)
     if weights is not None:
         load_backbone(net, weights)
     fc = get_head(net)

@@ -21,6 +21,10 @@ A family is one module of this package, registered in FAMILIES. It provides:
     feature_dim(net) -> int
     forward_features(net, x) -> Tensor
     describe(weights) -> dict  what the weights say about how to rebuild the net (e.g. small_stem)
+    rebuild_options(weights) -> dict   constructor keywords that rebuild the net from its weights
+    flag_options(flags) -> dict        constructor keywords from main_pretrain.py's flags
+and optionally FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
+family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from . import resnet
+from . import resnet, vit
 
 # name -> family module; a new family: its module and one line here.
-FAMILIES: dict[str, ModuleType] = {"resnet": resnet}
+FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "vit": vit}
 
 # Every architecture any family builds (the choices of -a).
 ARCHS: tuple[str, ...] = tuple(arch for family in FAMILIES.values() for arch in family.ARCHS)
@@ -121,6 +125,28 @@ class Features(nn.Module):
         return forward_features(self.net, x)  # N x D
 
 
+def rebuild_options(arch: str, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor keywords beyond small_stem that rebuild `arch` from its `weights` (a ViT's image size)."""
+    return family_of_arch(arch).rebuild_options(weights)
+
+
+def flag_options(arch: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor keywords of `arch` that main_pretrain.py's `flags` give (a ViT's image
+    size and --stop-grad-conv1; nothing for a ResNet)."""
+    return family_of_arch(arch).flag_options(flags)
+
+
+def translate_foreign(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> Mapping[str, Any]:
+    """`state` with a backbone saved under another library's names (moco-v3's timm ViTs) renamed
+    to its family's; unchanged otherwise."""
+    for prefix in prefixes:
+        for family in FAMILIES.values():
+            marker = getattr(family, "FOREIGN_MARKER", None)
+            if marker and f"{prefix}{marker}" in state and f"{prefix}{family.MARKER}" not in state:
+                return family.from_timm_names(state, prefix)
+    return state
+
+
 def find_in_state(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> tuple[str, ModuleType] | None:
     """The first of `prefixes` under which `state` (model weights) holds a backbone of some family,
     and that family (each family's MARKER key tells); None when there is none."""
@@ -132,4 +158,4 @@ def find_in_state(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> tuple[
 
 
 __all__ = ["ARCHS", "FAMILIES", "Features", "backbone_constructor", "build_backbone", "family_of", "family_of_arch",
-           "feature_dim", "find_in_state", "forward_features", "get_head", "head_name", "set_head"]
+           "feature_dim", "find_in_state", "flag_options", "rebuild_options", "translate_foreign", "forward_features", "get_head", "head_name", "set_head"]

@@ -75,3 +75,13 @@ def describe(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """What the weights (ResNet names) say about how to rebuild the network: the small stem has a
     3x3 first convolution, torchvision's a 7x7 one."""
     return {"small_stem": weights[MARKER].shape[-1] == 3}
+
+
+def rebuild_options(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor keywords beyond `small_stem` that rebuild the network: none for a ResNet."""
+    return {}
+
+
+def flag_options(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor keywords main_pretrain.py's flags give a ResNet: none (the stem is small_stem)."""
+    return {}

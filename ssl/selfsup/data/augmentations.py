@@ -7,6 +7,8 @@ moves the colour half onto the accelerator; both draw from the same preset defin
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from dataclasses import dataclass, field
 
@@ -132,6 +134,10 @@ _BYOL_1 = ViewSpec(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p
 _BYOL_2 = ViewSpec(
     crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.1, solarize_p=0.2
 )
+# moco-v3's views are BYOL's (its main_moco.py says so), with its --crop-min; CONFIG.md's ResNet
+# recipes set it to 0.2, its ViT recipes keep the default 0.08 (then the views equal "byol").
+_MOCOV3_RESNET_1 = dataclasses.replace(_BYOL_1, crop_scale=(0.2, 1.0))
+_MOCOV3_RESNET_2 = dataclasses.replace(_BYOL_2, crop_scale=(0.2, 1.0))
 _SIMCLR = ViewSpec(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
 
 AUGMENTATIONS: dict[str, Preset] = {
@@ -139,6 +145,8 @@ AUGMENTATIONS: dict[str, Preset] = {
     "moco_v2": Preset("moco_v2", _MOCO_V2, _MOCO_V2, "MoCo v2, arXiv:2003.04297; moco --aug-plus"),
     "byol": Preset("byol", _BYOL_1, _BYOL_2, "BYOL, arXiv:2006.07733, Table 6 (asymmetric views)"),
     "simclr": Preset("simclr", _SIMCLR, _SIMCLR, "SimCLR, arXiv:2002.05709, Appendix A (strength s=1)"),
+    "mocov3_resnet": Preset("mocov3_resnet", _MOCOV3_RESNET_1, _MOCOV3_RESNET_2,
+                            "moco-v3 CONFIG.md's ResNet-50 views: BYOL's with --crop-min=.2"),
 }
 
 
