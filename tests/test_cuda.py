@@ -82,13 +82,27 @@ def load(path):
 # First: what would stop a user. gpu_check's smoke part runs the file in order within its budget.
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_pretraining_one_process(method, folder, tmp_path):
     out = ok(run_script(["main_pretrain.py", str(folder), "--method", method, *TINY, "--device", str(DEVICE),
                          "--output-dir", str(tmp_path / "run")], **ENV))
     assert f"1 process(es) on {DEVICE.type}" in out and "held in memory" in out
     ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
     assert ckpt["device_type"] == DEVICE.type and ckpt["global_step"] == 3
+
+
+def test_mocov3_with_a_vision_transformer(folder, tmp_path):
+    out = ok(run_script(["main_pretrain.py", str(folder), "--method", "mocov3", *TINY, "-a", "vit_small_p4",
+                         "--stop-grad-conv1", "--optimizer", "adamw", "--lr", "1e-4",
+                         "--amp", "bf16" if ON_GPU else "none",  # bf16 on a CPU without bf16 kernels: minutes
+                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "mocov3 vit_small_p4" in out
+    ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
+    assert ckpt["global_step"] == 3 and "module.encoder_q.conv_proj.weight" in ckpt["state_dict"]
+    out = ok(run_script(["main_knn.py", str(folder), "--pretrained", str(tmp_path / "run" / "checkpoint.pth.tar"),
+                         "--k", "5", "-b", "16", "-j", "0", "--device", str(DEVICE),
+                         "--output-dir", str(tmp_path / "knn")], **ENV))
+    assert "5-NN" in out
 
 
 def test_pretraining_under_torchrun_with_the_device_backend(folder, tmp_path):
@@ -199,10 +213,11 @@ def test_mixed_precision_steps_stay_finite_and_close_to_fp32(method, amp):
 
 
 def test_channels_last_gives_the_same_step():
-    # On the CPU in float64: on an AVX2 CPU, oneDNN's float32 channels_last kernels under split BN
-    # gave conv1 gradients 0.4-1% away from the contiguous ones, while in float64 the two agree to
-    # 1e-13 - the kernels' rounding, not the layout logic this test is about. The GPU runs float32.
-    dtype = torch.float32 if ON_GPU else torch.float64
+    # In float64: on an AVX2 CPU, oneDNN's float32 channels_last kernels under split BN gave conv1
+    # gradients 0.4-1% away from the contiguous ones, while in float64 the two agree to 1e-13 - the
+    # kernels' rounding, not the layout logic this test is about; on a GPU, TF32 convolutions would
+    # blur it the same way.
+    dtype = torch.float64
     torch.manual_seed(0)
     model = build_model("moco", "resnet18", dim=32, K=256, mlp=True, T=0.2, bn_splits=4).to(DEVICE, dtype)
     x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE, dtype=dtype)

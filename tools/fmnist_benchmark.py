@@ -171,9 +171,8 @@ def backbone_features(ckpt: Path, data: Path, device: torch.device,
     backbone = Features(build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights).backbone)
     backbone.to(device)
     pin = device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        train, y = extract_features(backbone, make_eval_loader(train_ds, 512, workers, pin), device)
-        test, yt = extract_features(backbone, make_eval_loader(test_ds, 512, workers, pin), device)
+    train, y = extract_features(backbone, make_eval_loader(train_ds, 512, workers, pin), device)  # float32
+    test, yt = extract_features(backbone, make_eval_loader(test_ds, 512, workers, pin), device)
     return train, y, test, yt
 
 

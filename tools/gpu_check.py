@@ -7,7 +7,8 @@
 
 It needs only torch and torchvision (and pytest for smoke and compile) where it runs: a plain
 clone, the project not installed. Parts, in the order of what would stop a user first, each
-stopped at its own budget, PASS / FAIL / SKIP lines as they come:
+given its own budget (the parts run as subprocesses are stopped at it), PASS / FAIL / SKIP lines
+as they come:
 
   smoke (<= 180 s)  `pytest -m cuda -k "not compile" tests/test_cuda.py`: every entry point for a few
                     steps on the GPU first (main_pretrain.py per method; torchrun with NCCL at world
@@ -22,9 +23,10 @@ stopped at its own budget, PASS / FAIL / SKIP lines as they come:
                     part's time, its step time measured first - with the online kNN and the checkpoint
                     at the end only, then kNN and linear top-1 from features cached on the GPU against
                     both baselines measured in the same run (tools/fmnist_benchmark.py --eval features).
-                    Target: each method 3 points above the better baseline on both.
+                    Target: each method 3 points above the better baseline on both (a miss is
+                    reported as MISS, not a failure: the run worked, the recipe fell short).
   compile (<= 45 s) `pytest -m cuda -k compile`: torch.compile'd networks against eager ones and a
-                    --compile run of main_pretrain.py; optional, so last.
+                    --compile run of main_pretrain.py; optional, so last (cut by its budget: CUT).
 
 The plan (every part's budget, learn's steps per method) is printed before anything runs, so a
 cut run says how far it got. Writes OUT/gpu_check.json (every figure and check) and OUT/gpu_check.md
@@ -66,12 +68,15 @@ from selfsup.optim import build_optimizer  # noqa: E402
 PARTS = ("smoke", "bench", "learn", "compile")
 TOTAL_S = 480  # the whole command: 8 minutes of the lease's 15 (a machine's start takes 1-2)
 BUDGET_S = {"smoke": 180, "bench": 75, "learn": None, "compile": 45}  # learn: what is left, less compile's
+OPTIONAL_PARTS = ("compile",)  # cut by its budget: CUT, not FAIL (a cold compile can take minutes)
 LEARN_BATCH = 512
-# Per method, beyond its pretraining steps: starting a process and CUDA, the data to the GPU, the
-# final online kNN and checkpoint, two feature extractions and the evaluations.
-LEARN_OVERHEAD_S = 30.0
-# The calibration times the step on synthetic views; the real step also augments them on the GPU.
-AUGMENT_FACTOR = 1.4
+# Per method, beyond its pretraining steps: starting two processes and CUDA, the data to the GPU,
+# the final online kNN and checkpoint, two feature extractions, the raw-pixel baseline and three
+# linear fits. An estimate until a GPU run measures it.
+LEARN_OVERHEAD_S = 40.0
+# The calibration times the step on synthetic views; the real step also augments them on the GPU,
+# about as many kernel launches again as a step (counted on the CPU), more for SimCLR's short step.
+AUGMENT_FACTOR = 2.0
 # --dry-run: the same processes on a CPU (2 cores in CI) without a GPU take longer than the real
 # sizes on the GPU machine; its budgets are these times longer.
 DRY_RUN_SLOWDOWN = 3
@@ -124,7 +129,17 @@ def run_logged(cmd: list[str], log: Path, env: dict, budget: float) -> tuple[int
         try:
             code = proc.wait(timeout=max(budget, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # SIGTERM first: torchrun forwards it to its workers, which run in sessions of their own
+            # that a SIGKILL of this group would miss; then SIGKILL whatever is left of the group.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
             code = None
     return code, time.perf_counter() - t0
@@ -152,8 +167,8 @@ def cuda_tests(checks: Checks, part: str, selector: str, out: Path, dry_run: boo
     for test, outcome in results:
         status = {"PASSED": "PASS", "SKIPPED": "SKIP"}.get(outcome, "FAIL")
         checks.add(part, test.split("::", 1)[1], status, detail=reasons.get(test, "")[:300] if status == "FAIL" else "")
-    if code is None:
-        checks.add(part, f"pytest -k {selector!r}", "FAIL", took,
+    if code is None:  # an optional part cut by its budget says so without failing the command
+        checks.add(part, f"pytest -k {selector!r}", "CUT" if part in OPTIONAL_PARTS else "FAIL", took,
                    f"over its {budget:.0f}s budget after {len(results)} tests; stopped (see {log.name})")
     elif code == 5 and not results:  # nothing selected: every test of the part skipped or deselected
         checks.add(part, f"pytest -k {selector!r}", "SKIP", took, "no test ran")
@@ -291,7 +306,8 @@ def learn(checks: Checks, out: Path, data: str | None, device: torch.device, dry
         cmd = [sys.executable, "tools/fmnist_benchmark.py", "--method", method, "--data", data, "--epochs", str(epochs),
                "--eval", "features", "--knn-every", str(epochs), "--out", str(out / "learn-runs"),
                "--results-dir", str(results_dir), "--device", device.type, "--pretrain-args",
-               "-b", str(p["batch_size"]), "--image-size", str(p["image_size"]), "--save-every-epochs", str(epochs)]
+               "-b", str(p["batch_size"]), "--image-size", str(p["image_size"]), "--save-every-epochs", str(epochs),
+               "--save-freq", str(epochs)]
         cmd += ["-j", "0", "--mlp-dim", "32"] if dry_run else ["--amp", "bf16", "--channels-last"]
         code, took = run_logged(cmd, out / f"learn-{method}.log", {}, limit)
         result_file = results_dir / f"results_{method}.json"
@@ -305,8 +321,9 @@ def learn(checks: Checks, out: Path, data: str | None, device: torch.device, dry
         row = learn_row(r)
         figures[method] = row
         short = [f"{k} {row['margin_' + k]:+.2f}" for k in ("knn", "linear") if row["margin_" + k] < LEARN_MARGIN]
+        # The run worked either way; a target missed is a finding about the recipe (MISS), not a failure.
         checks.add("learn", f"{r['name']}: {r['steps']} steps, {r['epochs']} epochs", "PASS" if dry_run or not short
-                   else "FAIL", took, f"kNN {row['knn']:.2f}, linear {row['linear']:.2f}; above the better baseline "
+                   else "MISS", took, f"kNN {row['knn']:.2f}, linear {row['linear']:.2f}; above the better baseline "
                    f"{row['margin_knn']:+.2f} / {row['margin_linear']:+.2f}"
                    + (f" (target +{LEARN_MARGIN:g}: {', '.join(short)})" if short and not dry_run else ""))
     return figures

@@ -184,7 +184,7 @@ def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def find_backbone(state: Mapping[str, Any]) -> tuple[str, ModuleType]:
     """The key prefix under which `state` (model weights) holds the trained backbone, e.g.
     'module.encoder_q.', and the backbone's family (selfsup.backbones)."""
-    found = find_in_state(state, _BACKBONE_PREFIXES)
+    found = find_in_state(translate_foreign(state, _BACKBONE_PREFIXES), _BACKBONE_PREFIXES)
     if found is None:
         families = FAMILIES.values()
         expected = " or ".join(f"'module.encoder_q.{f.MARKER}' (this project, facebookresearch/moco) or '{f.MARKER}'"
