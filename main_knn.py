@@ -22,14 +22,14 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
+from selfsup.backbones import ARCHS, Features
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (INPUT_ERRORS, UsageError, agree_on_error, check_numbers, default_output_dir,
-                         default_workers, per_process_batch, report)
+from selfsup.cli import agree_on_error, check_numbers, default_workers, evaluation_folder, per_process_batch, report
 from selfsup.data import DEMO_ROOT
 from selfsup.distributed import DistInfo, add_device_args, run_in_process_group
+from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import extract_features, knn_evaluate, make_eval_loader
 from selfsup.meters import MetricsWriter, setup_logging
-from selfsup.networks import ARCHS
 from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained, readable
 
 logger = logging.getLogger("main_knn")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank, args.output_dir)
     val_ds = readable(val_ds, "the validation set", dist_info, args.workers)  # the bank: left out at extraction
     device = dist_info.device
-    backbone = probe.backbone.to(device)
+    backbone = Features(probe.backbone.to(device))
     logger.info("%s %s at %dpx from %s; %d classes, %d train / %d val images from %s; %d process(es) on %s",
                 pretrained.arch, "small stem" if pretrained.small_stem else "standard stem", image_size,
                 args.pretrained, len(classes), len(train_ds), len(val_ds), args.data, dist_info.world_size, device)
@@ -117,7 +117,7 @@ def cli(argv: list[str] | None = None) -> int:
         args.data = str(DEMO_ROOT)
     if args.workers is None:
         args.workers = default_workers()
-    args.output_dir = Path(args.output_dir or default_output_dir(args.pretrained, "knn"))
+    args.output_dir = Path(args.output_dir or evaluation_folder(args.pretrained, "knn"))
     return main(args)
 
 

@@ -13,7 +13,7 @@ takes this project's checkpoints (MoCo, BYOL, SimCLR) and facebookresearch/moco'
 comes from the checkpoint. With --train-aug none the frozen features are computed once and cached
 (the demo's default). Running the same command again resumes from OUTPUT_DIR/checkpoint.pth.tar.
 --batch-size is the global batch over all processes. See docs/EVALUATION.md for each method's recipe.
-This file holds the arguments and the building; the epochs are selfsup.lincls.fit.
+This file holds the arguments and the building; the epochs are selfsup.lincls.train_probe.
 """
 
 from __future__ import annotations
@@ -29,21 +29,22 @@ import torch
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
+from selfsup.backbones import ARCHS
 from selfsup.checkpoint import check_writable, load_checkpoint
-from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers,
-                         default_output_dir, launch, per_process_batch, write_args)
+from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
+                         per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
+from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.knn import make_eval_loader
-from selfsup.lincls import classifier_state, fit, image_batches, restore_classifier, validate
+from selfsup.lincls import ProbeRun, classifier_state, image_batches, restore_classifier, train_probe, validate
 from selfsup.meters import MetricsWriter, setup_logging
-from selfsup.networks import ARCHS
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
                            load_pretrained, readable, train_transform)
-from selfsup.recipes import linear_protocol
+from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol, protocols_by_method
 from selfsup.resume import restore_run_state
-from selfsup.sampler import ResumableDistributedSampler
 
 logger = logging.getLogger("main_lincls")
 
@@ -51,6 +52,7 @@ logger = logging.getLogger("main_lincls")
 def get_args_parser() -> argparse.ArgumentParser:
     """Flags of facebookresearch/moco's main_lincls.py (same names, meanings and defaults) plus ours."""
     p = argparse.ArgumentParser("Linear classification on frozen features", add_help=False)
+    by_method = protocols_by_method  # each method's protocol, for the help
     p.add_argument("data", nargs="?", default=None,
                    help="root with train/ and val/ class folders (ImageNet layout); omit it for the embedded "
                         "Fashion-MNIST demo")
@@ -73,19 +75,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-features", action="store_true",
                    help="also keep the cached features in OUTPUT_DIR (features_train.pth, features_val.pth) for reruns")
     g = p.add_argument_group("optimisation (default: the checkpoint's method's protocol, docs/EVALUATION.md)")
-    g.add_argument("--epochs", default=None, type=int, help="total epochs (MoCo's protocol: 100)")
+    g.add_argument("--epochs", default=None, type=int, help=f"total epochs ({by_method('epochs')})")
     g.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch size over all processes (default: 256)")
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
-                   help="initial learning rate, not scaled with the batch (MoCo: 30; SimCLR, BYOL: 0.1, 0.2 x B/256)")
+                   help=f"initial learning rate, not scaled with the batch ({by_method('lr')})")
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (the protocols') or lars")
     g.add_argument("--momentum", default=0.9, type=float, help="momentum (default: 0.9)")
     g.add_argument("--nesterov", default=None, action=argparse.BooleanOptionalAction,
-                   help="Nesterov momentum (SimCLR's and BYOL's protocols)")
-    g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help="weight decay (protocols: 0)")
+                   help=f"Nesterov momentum ({by_method('nesterov')})")
+    g.add_argument("--wd", "--weight-decay", default=None, type=float, dest="wd", help=f"weight decay ({by_method('wd')})")
     g.add_argument("--cos", default=None, action=argparse.BooleanOptionalAction,
-                   help="cosine lr schedule instead of --schedule (SimCLR's and BYOL's protocols)")
+                   help=f"cosine lr schedule instead of --schedule ({by_method('cos')})")
     g.add_argument("--schedule", default=None, nargs="*", type=int,
-                   help="epochs at which to drop the lr by 10x when not --cos (MoCo's protocol: 60 80)")
+                   help=f"epochs at which to drop the lr by 10x when not --cos ({by_method('schedule')})")
     g.add_argument("--seed", default=0, type=int, help="seed of the classifier's init, data order and augmentation")
     g = p.add_argument_group("distributed (torchrun needs none of these)")
     add_device_args(g, moco_gpu=True)
@@ -109,7 +111,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.train_aug = args.train_aug or ("none" if out.demo else "standard")
     if out.output_dir is None:
         if out.pretrained:
-            out.output_dir = str(default_output_dir(out.pretrained, "lincls"))
+            out.output_dir = str(evaluation_folder(out.pretrained, "lincls"))
         else:
             arch = out.arch or ("resnet18" if out.demo else "resnet50")
             out.output_dir = os.path.join("runs", f"lincls-{arch}-random-init" + ("-demo" if out.demo else ""))
@@ -133,10 +135,6 @@ class Setup:
     start_epoch: int
     best_acc1: float
     resumed_from: Path | None
-
-
-# The optimisation flags a method's linear protocol fills (selfsup.recipes.LINEAR).
-PROTOCOL_FLAGS = ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epochs")
 
 
 def classifier_checkpoint_path(args: argparse.Namespace) -> Path | None:
@@ -243,11 +241,13 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         def lr_at(epoch: float) -> float:
             return learning_rate(args.lr, epoch, args.epochs, args.cos, args.schedule)
 
-        return fit(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, dist=dist_info,
-                   epochs=args.epochs, start_epoch=setup.start_epoch, best_acc1=setup.best_acc1, lr_at=lr_at,
-                   global_batch=args.batch_size, workers=args.workers, seed=args.seed, cached=args.cached,
-                   output_dir=output_dir, state=state, metrics=metrics, save_features=args.save_features,
-                   print_freq=args.print_freq, pretrained_path=setup.pretrained.path if setup.pretrained else None)
+        training = ProbeRun(dist=dist_info, epochs=args.epochs, lr_at=lr_at, global_batch=args.batch_size,
+                            workers=args.workers, seed=args.seed, cached=args.cached, output_dir=output_dir,
+                            state=state, metrics=metrics, save_features=args.save_features,
+                            print_freq=args.print_freq,
+                            pretrained_path=setup.pretrained.path if setup.pretrained else None)
+        return train_probe(probe, setup.optimizer, setup.train_ds, setup.val_ds, setup.sampler, training,
+                           setup.start_epoch, setup.best_acc1)
     finally:
         metrics.close()
 

@@ -26,22 +26,24 @@ import torch
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
+from selfsup.backbones import ARCHS
+from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (INPUT_ERRORS, UsageError, add_moco_launcher_args, agree_on_error, check_numbers, launch,
-                         per_process_batch, report, write_args, write_json)
+from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, launch, per_process_batch, report,
+                         write_args, write_json)
 from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
+from selfsup.data.augmentations import AUGMENTATIONS
+from selfsup.data.pipeline import AUG_BACKENDS, build_pretrain_pipeline
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group, wrap_ddp
 from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
+from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
 from selfsup.monitor import folder_monitor
-from selfsup.networks import ARCHS, compile_networks
-from selfsup.optim import build_optimizer
-from selfsup.pipeline import BACKENDS, build_pretrain_pipeline
-from selfsup.presets import PRESETS as AUG_PRESETS
-from selfsup.recipes import run_definition
-from selfsup.resume import Checkpointer, claim_fresh_folder
+from selfsup.networks import compile_networks
+from selfsup.optim import OPTIMIZERS, build_optimizer
+from selfsup.resume import Checkpointer, claim_fresh_folder, default_run_folder, run_definition
 from selfsup.stopping import StopRequest
 
 logger = logging.getLogger("main_pretrain")
@@ -51,34 +53,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Flags of facebookresearch/moco's main_moco.py (same names and meanings) plus ours.
 
     Hyperparameters default to None: the value then comes from --preset, the method's defaults
-    or the demo recipe (see selfsup/recipes.py); a flag given on the command line always wins.
+    or the demo recipe (selfsup.config: the layers; the recipes live with their methods); a flag
+    given on the command line always wins.
     """
     p = argparse.ArgumentParser("Self-supervised pretraining", add_help=False)
+    by_method = recipes.defaults_by_method  # each method's default, for the help
     p.add_argument("data", nargs="?", default=None,
                    help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images), or "
                         "Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
-    p.add_argument("--method", choices=list(METHODS), default=None, help="moco (default), byol or simclr")
+    p.add_argument("--method", choices=list(METHODS), default=None, help=f"{', '.join(METHODS)} (default: moco)")
     p.add_argument("--preset", choices=list(recipes.PRESETS), default=None,
-                   help="a paper's ImageNet recipe in one word (see README); explicit flags override it")
+                   help="a paper's recipe in one word, or small-<method> for small images (docs/CONFIG.md); "
+                        "explicit flags override it")
     g = p.add_argument_group("data")
     g.add_argument("-j", "--workers", default=None, type=int,
                    help="data loading workers per process (default: the CPUs per process, less one; 1 to 8)")
     g.add_argument("--image-size", default=None, type=int, help="crop size (default: 224)")
-    g.add_argument("--aug", default=None, choices=list(AUG_PRESETS), help="augmentation preset (default: the method's)")
+    g.add_argument("--aug", default=None, choices=list(AUGMENTATIONS), help="augmentation preset (default: the method's)")
     g.add_argument("--aug-plus", action="store_true", help="MoCo v2's augmentation (same as --aug moco_v2)")
     g.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
     g = p.add_argument_group("model (MoCo's flags; dim, m and t also serve BYOL and SimCLR)")
     g.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: resnet50)")
     g.add_argument("--small-stem", default=None, action=argparse.BooleanOptionalAction,
                    help="3x3 stride-1 stem without max-pool, for 28-64 pixel images")
-    g.add_argument("--moco-dim", default=None, type=int, help="output dim (MoCo/SimCLR 128, BYOL 256)")
-    g.add_argument("--moco-k", default=None, type=int, help="MoCo queue size (default: 65536)")
-    g.add_argument("--moco-m", default=None, type=float, help="key/target encoder momentum (MoCo 0.999, BYOL 0.996)")
-    g.add_argument("--moco-t", default=None, type=float, help="softmax temperature (MoCo 0.07, SimCLR 0.1)")
+    g.add_argument("--stop-grad-conv1", default=None, action=argparse.BooleanOptionalAction,
+                   help="ViTs: freeze the random patch projection (moco-v3's stabiliser; its ViT presets)")
+    g.add_argument("--moco-dim", default=None, type=int, help=f"output dim ({by_method('moco_dim')})")
+    g.add_argument("--moco-k", default=None, type=int, help=f"MoCo queue size ({by_method('moco_k')})")
+    g.add_argument("--moco-m", default=None, type=float, help=f"key/target encoder momentum ({by_method('moco_m')})")
+    g.add_argument("--moco-t", default=None, type=float, help=f"softmax temperature ({by_method('moco_t')})")
     g.add_argument("--moco-m-cos", default=None, action=argparse.BooleanOptionalAction,
-                   help="raise the momentum to 1 along a cosine (BYOL's schedule; default on for BYOL)")
-    g.add_argument("--mlp", default=None, action=argparse.BooleanOptionalAction, help="MoCo v2 projection head")
-    g.add_argument("--mlp-dim", default=None, type=int, help="hidden dim of BYOL/SimCLR heads (4096 / 2048)")
+                   help=f"raise the momentum to 1 along a cosine (BYOL's schedule; {by_method('moco_m_cos')})")
+    g.add_argument("--mlp", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"MoCo v2 projection head ({by_method('mlp')})")
+    g.add_argument("--mlp-dim", default=None, type=int, help=f"hidden dim of the heads ({by_method('mlp_dim')})")
     g.add_argument("--bn-splits", default=None, type=int,
                    help="emulate shuffle BN on one process over this many sub-batches (default: 1 = off)")
     g.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false", help="MoCo without shuffle BN")
@@ -90,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="GLOBAL batch size over all processes (default: 256)")
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
                    help="initial learning rate (default: 0.03; BYOL/SimCLR presets scale it with the batch)")
-    g.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (default) or lars")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="sgd (default), lars, or adamw (no weight decay on biases, norms, position embeddings, tokens)")
     g.add_argument("--classic-momentum", default=None, action=argparse.BooleanOptionalAction,
                    help="LARS with the lr inside the momentum, as SimCLR's code (default for SimCLR; see optim.LARS)")
     g.add_argument("--lars-eta", default=None, type=float,
@@ -133,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance")
     g.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision (default: none)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    g.add_argument("--aug-backend", default="auto", choices=BACKENDS,
+    g.add_argument("--aug-backend", default="auto", choices=AUG_BACKENDS,
                    help="where augmentation runs (docs/PERFORMANCE.md): batched = decode + crops in the workers, "
                         "colour on the device; memory = the whole dataset in memory, everything batched on the "
                         "device; reference = per-image PIL in the workers (as facebookresearch/moco); auto "
@@ -145,15 +154,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Flags whose value falls back to a recipe when not given (argparse default None).
-_CONFIG_KEYS = ("arch", "workers", "knn_every", "epochs", "batch_size", "lr", "schedule", "momentum", "wd", "moco_dim",
-                "moco_k", "moco_m", "moco_t", "mlp", "cos", "mlp_dim", "moco_m_cos", "aug", "bn_splits",
-                "optimizer", "warmup_epochs", "image_size", "small_stem", "sync_bn", "classic_momentum", "lars_eta")
-
-
 def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset hyperparameters from the preset/method/demo recipes; check the combination."""
-    explicit = {k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k) is not None}
+    explicit = {k: getattr(args, k) for k in recipes.CONFIG_KEYS if getattr(args, k) is not None}
     if args.aug_plus:
         explicit.setdefault("aug", "moco_v2")
     demo = args.data is None
@@ -165,7 +168,7 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(str(e)) from e
     out = argparse.Namespace(**{**vars(args), **cfg})
     out.demo = demo
-    out.output_dir = out.output_dir or recipes.default_output_dir(out.method, out.arch, out.data)
+    out.output_dir = out.output_dir or default_run_folder(out.method, out.arch, out.data)
     out.data = str(DEMO_ROOT) if demo else out.data
     check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
                                  "bn_splits", "print_freq", "save_freq", "save_every_epochs", "knn_k", "knn_t", "knn_subset", "lars_eta"),
@@ -190,10 +193,11 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
-    args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.recipes.run_definition)
+    args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.resume.run_definition)
     configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
     model = build_model(args.method, args.arch, small_stem=args.small_stem, sync_bn=args.sync_bn,
+                        backbone_options=backbone_flag_options(args.arch, vars(args)),
                         **METHODS[args.method].options(vars(args)))
     for warning in model.data_warnings(pipeline.num_images) if dist_info.is_main else ():
         logger.warning(warning)
@@ -206,7 +210,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
             logger.warning("--compile skipped, training uncompiled: %s", reason)
         else:
             logger.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
-    optimizer = build_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr,
+    optimizer = build_optimizer(args.optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad], args.lr,
                                 args.momentum, args.wd, classic_momentum=args.classic_momentum,
                                 trust_coefficient=args.lars_eta)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")

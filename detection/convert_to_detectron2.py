@@ -26,10 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
-from selfsup.checkpoint import (
+from selfsup.backbones import resnet  # noqa: E402
+from selfsup.checkpoint import (  # noqa: E402
     CheckpointError,
-    backbone_prefix,
     extract_backbone,
+    find_backbone,
     infer_arch_info,
     load_checkpoint,
     model_state_dict,
@@ -78,14 +79,16 @@ def _group(key: str) -> str:
 def convert(checkpoint: dict) -> Conversion:
     """Convert a loaded checkpoint (see the module docstring) to Detectron2 names."""
     state = model_state_dict(checkpoint)
-    prefix = backbone_prefix(state)
+    prefix, family = find_backbone(state)
+    if family is not resnet:
+        raise CheckpointError(f"the checkpoint holds a {family.TITLE} backbone: detection transfer here is for ResNets")
     backbone = extract_backbone(checkpoint)  # the one extraction shared with lincls and detection
     out = Conversion()
     for key in state:
         if not key.startswith(prefix):
             out.dropped[_group(key.removeprefix("module."))] += 1  # key/target network, queue, predictor
         elif key[len(prefix) :] not in backbone:
-            out.dropped[_group(key[len(prefix) :])] += 1  # projection head (fc.*)
+            out.dropped[_group(key[len(prefix) :])] += 1  # the head inside encoder_q (fc.*)
     for key, value in backbone.items():
         if key.endswith("num_batches_tracked"):
             out.dropped["num_batches_tracked"] += 1

@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 from selfsup.stopping import NonFiniteLossError
-from selfsup.sampler import ResumableDistributedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def batch_stream(loader: torch.utils.data.DataLoader, sampler: ResumableDistribu
     """Batches forever, epoch after epoch, starting where iteration `start_iter` is.
 
     Batch i is a function of (seed, i) and the global batch size alone (see
-    selfsup.sampler.ResumableDistributedSampler), so a resumed run sees the data it would have seen.
+    selfsup.data.sampler.ResumableDistributedSampler), so a resumed run sees the data it would have seen.
     """
     epoch, step = divmod(start_iter, sampler.steps_per_epoch)
     while True:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from selfsup.data.sampler import shard_range
 from selfsup.distributed import all_gather_objects
-from selfsup.sampler import shard_range
 
 from .datasets import DetectionDataset, collate
 

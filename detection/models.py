@@ -25,7 +25,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from selfsup.networks import ARCHS, backbone_constructor
+from selfsup.backbones import backbone_constructor
+from selfsup.backbones.resnet import ARCHS  # detection transfer is for ResNets (C4 and FPN heads)
 from selfsup.checkpoint import CheckpointError, extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def build_resnet(init: str, arch: str | None = None, small_stem: bool | None = N
     if small_stem is not None and info.get("small_stem") is not None and bool(small_stem) != bool(info["small_stem"]):
         raise ValueError(f"--small-stem {small_stem} contradicts the checkpoint {init} (small_stem={info['small_stem']})")
     arch = arch or info.get("arch") or "resnet50"
+    if arch not in ARCHS:
+        raise ValueError(f"{init} holds a {arch} backbone: detection transfer here is for ResNets ({', '.join(ARCHS)})")
     small_stem = bool(small_stem if small_stem is not None else info.get("small_stem"))
     net = backbone_constructor(arch, small_stem)(num_classes=1000)
     load_backbone(net, extract_backbone(checkpoint))

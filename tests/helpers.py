@@ -26,6 +26,29 @@ REPO = Path(__file__).resolve().parents[1]
 THREADS = 1
 
 
+# The smallest options of each method, for the tests that build every method of METHODS: its
+# constructor's keywords beyond `dim` (build_model(name, arch, dim=..., **TINY_OPTIONS[name])), and the
+# same as main_pretrain.py flags (tiny_flags). tests/test_methods.py fails for a method without
+# an entry here.
+TINY_OPTIONS: dict[str, dict[str, Any]] = {
+    "moco": {"K": 32, "mlp": True},
+    "byol": {"hidden_dim": 32},
+    "simclr": {"hidden_dim": 32},
+}
+
+
+def tiny_flags(method: str) -> list[str]:
+    """TINY_OPTIONS[method] as main_pretrain.py flags, through the method's own flag names."""
+    from selfsup.methods import METHODS
+
+    flag_of = {keyword: flag for flag, keyword in METHODS[method].flag_options.items()}
+    out: list[str] = []
+    for keyword, value in TINY_OPTIONS[method].items():
+        flag = "--" + flag_of[keyword].replace("_", "-")
+        out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,10 +20,10 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from selfsup.augment import (BatchAugment, TwoViewAugment, adjust_brightness_, adjust_contrast_, adjust_hue,
+from selfsup.data.augmentations import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, get_preset
+from selfsup.data.batch_augment import (BatchAugment, TwoViewAugment, adjust_brightness_, adjust_contrast_, adjust_hue,
                               adjust_saturation_, gaussian_blur_pil_, rgb_to_gray, sample_view_params, solarize_)
-from selfsup.crops import resized_crop, sample_crop_box, sample_crop_boxes
-from selfsup.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ViewSpec, get_preset
+from selfsup.data.crops import resized_crop, sample_crop_box, sample_crop_boxes
 from selfsup.rng import augment_generator, seeded
 
 
@@ -216,7 +216,7 @@ def test_whole_view_matches_torchvision_per_image_with_the_same_parameters(prese
 
 def test_output_dtype_memory_format_and_chunking():
     x8 = smooth_images(9)
-    spec = PRESETS["byol"].view2
+    spec = AUGMENTATIONS["byol"].view2
     p = sample_view_params(spec, 9, torch.Generator().manual_seed(0))
     whole = BatchAugment(spec, chunk_bytes=0)(x8, params=p)
     chunked = BatchAugment(spec, chunk_bytes=2 * 3 * 24 * 32 * 4)(x8, params=p)
@@ -228,7 +228,7 @@ def test_output_dtype_memory_format_and_chunking():
 
 def test_same_step_same_views_other_step_other_views():
     x8 = smooth_images(4)
-    aug = TwoViewAugment(PRESETS["moco_v2"], 24)
+    aug = TwoViewAugment(AUGMENTATIONS["moco_v2"], 24)
     a = aug([x8, x8], augment_generator(0, 1, 2, 0))
     b = aug([x8, x8], augment_generator(0, 1, 2, 0))
     c = aug([x8, x8], augment_generator(0, 1, 3, 0))
@@ -243,10 +243,10 @@ def binomial_ok(hits: int, n: int, p: float) -> bool:
     return abs(hits - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(AUGMENTATIONS))
 def test_parameter_distributions_match_the_preset(preset):
     n = 20000
-    for spec in (PRESETS[preset].view1, PRESETS[preset].view2):
+    for spec in (AUGMENTATIONS[preset].view1, AUGMENTATIONS[preset].view2):
         p = sample_view_params(spec, n, torch.Generator().manual_seed(11))
         for flag, prob in ((p.jitter, spec.jitter_p), (p.grayscale, spec.grayscale_p), (p.blur, spec.blur_p),
                            (p.solarize, spec.solarize_p)):
@@ -334,10 +334,10 @@ def test_resized_crop_is_antialiased_bilinear_of_the_crop():
 
 def test_gathered_subsets_give_the_same_views_as_slices(monkeypatch):
     """Subsets in many runs are gathered and scattered (always, on a GPU); same numbers."""
-    import selfsup.augment as augment
+    import selfsup.data.batch_augment as augment
 
     x8 = smooth_images(10)
-    spec = PRESETS["byol"].view1
+    spec = AUGMENTATIONS["byol"].view1
     p = sample_view_params(spec, 10, torch.Generator().manual_seed(2))
     sliced = BatchAugment(spec)(x8, params=p)
     monkeypatch.setattr(augment, "MAX_RUNS", 0)  # write back with index_copy_

@@ -7,15 +7,15 @@ import pytest
 import torch
 from helpers import make_image_folder, run_script
 from PIL import Image, JpegImagePlugin
-from selfsup.augment import TwoViewAugment
-from selfsup.crops import TwoCropsDataset, draft_factor
 from selfsup.data import find_samples
+from selfsup.data.augmentations import Preset, ViewSpec, get_preset
+from selfsup.data.batch_augment import TwoViewAugment
+from selfsup.data.crops import TwoCropsDataset, draft_factor
+from selfsup.data.inmemory import IndexBatchLoader, InMemoryImages
+from selfsup.data.pipeline import TwoCropsBatches, build_memory_pipeline, build_pretrain_pipeline
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo
-from selfsup.inmemory import IndexBatchLoader, InMemoryImages
-from selfsup.pipeline import TwoCropsBatches, build_memory_pipeline, build_pretrain_pipeline
-from selfsup.presets import Preset, ViewSpec, get_preset
 from selfsup.rng import augment_generator
-from selfsup.sampler import ResumableDistributedSampler
 from torch.utils.data import DataLoader
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from helpers import TINY_OPTIONS
 from selfsup.builder import build_model
 from selfsup import networks
+from selfsup.methods import METHODS, MomentumMethod
 from selfsup.networks import compile_networks
 from selfsup.optim import LARS
 
@@ -31,12 +33,11 @@ def conv_inputs_not_channels_last(model: nn.Module, x1: torch.Tensor, x2: torch.
     return bad
 
 
-@pytest.mark.parametrize("method,options", [
-    ("moco", {"K": 32, "bn_splits": 2}), ("simclr", {"hidden_dim": 32, "bn_splits": 4}), ("byol", {"hidden_dim": 32}),
-])
-def test_channels_last_reaches_every_convolution(method, options):
+# Each method once, with 2, 1 (plain BatchNorm) or 4 BatchNorm splits in turn.
+@pytest.mark.parametrize("method,bn_splits", [(m, (2, 1, 4)[i % 3]) for i, m in enumerate(METHODS)])
+def test_channels_last_reaches_every_convolution(method, bn_splits):
     torch.manual_seed(0)
-    model = build_model(method, "resnet18", dim=16, **options)
+    model = build_model(method, "resnet18", dim=16, bn_splits=bn_splits, **TINY_OPTIONS[method])
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     reference = copy.deepcopy(model)
     model.to(memory_format=torch.channels_last)
@@ -83,13 +84,13 @@ def test_lars_multi_tensor_step_equals_the_per_parameter_loop():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["moco", "byol"])
+@pytest.mark.parametrize("method", [name for name, cls in METHODS.items() if issubclass(cls, MomentumMethod)])
 def test_ddp_reduces_only_the_trained_parameters(tmp_path, method):
     """The key/target network has requires_grad=False: DDP leaves it out of its reducer, so no
     find_unused_parameters is needed."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = build_model(method, "resnet18", dim=16, **({"K": 32} if method == "moco" else {"hidden_dim": 32}))
+        model = build_model(method, "resnet18", dim=16, **TINY_OPTIONS[method])
         ddp = nn.parallel.DistributedDataParallel(model)
         info = ddp._get_ddp_logging_data()
         trained = [p for p in model.parameters() if p.requires_grad]

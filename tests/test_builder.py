@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import TINY_OPTIONS
 
 from selfsup.builder import BYOL, MoCo, SimCLR, build_model
-from selfsup.networks import ARCHS, SplitBatchNorm, backbone_constructor
+from selfsup.backbones import ARCHS, backbone_constructor
+from selfsup.methods import METHODS, MomentumMethod
+from selfsup.networks import SplitBatchNorm
 
 
 def tiny_encoder(num_classes: int) -> nn.Module:
@@ -35,10 +38,13 @@ def images(n=4, seed=0):
 # ---------------------------------------------------------------------------------------------- MoCo
 
 
-@pytest.mark.parametrize("method", ["moco", "byol"])
+MOMENTUM_METHODS = [name for name, cls in METHODS.items() if issubclass(cls, MomentumMethod)]
+
+
+@pytest.mark.parametrize("method", MOMENTUM_METHODS)
 def test_split_batchnorm_keeps_the_key_network_frozen(method):
     # A trainable parameter without gradients makes DDP fail at the second step.
-    model = build_model(method, "resnet18", bn_splits=2, dim=16, **({"hidden_dim": 32} if method == "byol" else {}))
+    model = build_model(method, "resnet18", bn_splits=2, dim=16, **TINY_OPTIONS[method])
     assert any(isinstance(m, SplitBatchNorm) for m in model.encoder_k.modules())
     assert not any(p.requires_grad for p in model.encoder_k.parameters())
     assert all(p.requires_grad for p in model.encoder_q.parameters())
@@ -231,7 +237,7 @@ def test_build_model_names_and_errors():
     assert isinstance(m.encoder_q.maxpool, nn.Identity)
     assert isinstance(build_model("byol", "resnet18", hidden_dim=32, dim=16), BYOL)
     assert isinstance(build_model("simclr", "resnet18", hidden_dim=32, dim=16), SimCLR)
-    with pytest.raises(ValueError, match="valid: moco, byol, simclr"):
+    with pytest.raises(ValueError, match="valid: " + ", ".join(METHODS)):
         build_model("swav", "resnet18")
     with pytest.raises(ValueError, match="resnet50"):
         build_model("moco", "vgg16")
@@ -243,14 +249,13 @@ def test_build_model_names_and_errors():
 
 
 def test_every_method_keeps_the_trained_network_under_encoder_q():
-    for method in ("moco", "byol", "simclr"):
-        keys = build_model(method, "resnet18", dim=16, **({"K": 32} if method == "moco" else {"hidden_dim": 32})).state_dict()
+    for method in METHODS:
+        keys = build_model(method, "resnet18", dim=16, **TINY_OPTIONS[method]).state_dict()
         assert "encoder_q.conv1.weight" in keys and "encoder_q.layer4.1.bn2.running_var" in keys
 
 
 def test_every_method_maps_its_flags_onto_its_constructor():
     from selfsup.builder import method_options
-    from selfsup.methods import METHODS
 
     for name, cls in METHODS.items():
         assert cls.name == name

@@ -8,8 +8,8 @@ import torch
 from helpers import make_image_folder, write_idx
 from selfsup.data import (ImageDataset, find_samples, find_unreadable, load_fashion_mnist, read_idx, resolve_split_dir,
                           without_files)
+from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.rng import mix_seed, seeded
-from selfsup.sampler import ResumableDistributedSampler
 
 
 def test_find_samples_class_folders_flat_folder_and_moco_layout(tmp_path):
@@ -101,3 +101,11 @@ def test_fashion_mnist_reader_both_layouts(tmp_path):
     assert read_idx(tmp_path / "debian" / "t10k-labels-idx1-ubyte.gz").tolist() == [3, 7]
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path / "nowhere", "train")
+
+
+def test_the_embedded_demo_data_is_found_from_the_package():
+    from selfsup.data import DEMO_ROOT
+
+    # The scripts' default data: 3,000 training and 1,000 held-out images in the clone's data/.
+    assert DEMO_ROOT == Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-demo"
+    assert [len(find_samples(DEMO_ROOT / split)[0]) for split in ("train", "val")] == [3000, 1000]

@@ -162,6 +162,7 @@ def _distributed_inference(rank, world_size, n):
     return run_inference(MeanBoxModel(), ConstantImages(n), torch.device("cpu"), rank, world_size, batch_size=2)
 
 
+@pytest.mark.e2e
 def test_distributed_inference_neither_duplicates_nor_drops(tmp_path):
     n = 7  # not a multiple of the world size: DistributedSampler would pad with duplicates
     results = run_distributed(_distributed_inference, 2, tmp_path, n)

@@ -97,6 +97,7 @@ def test_bad_flags_are_refused(shapes, tmp_path, capsys):
     assert "VOCdevkit" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_rerun_with_another_backbone_is_refused_not_resumed(shapes, tmp_path, capsys, monkeypatch):
     from selfsup.builder import build_model
 

@@ -196,6 +196,7 @@ def _gather_worker(rank, world):
     return {"gathered": gathered, "grad": y.grad, "shuffled": shuffled, "restored": restored}
 
 
+@pytest.mark.e2e
 def test_gathers_and_shuffle(tmp_path):
     r0, r1 = run_distributed(_gather_worker, WORLD, tmp_path)
     expected = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])
@@ -221,6 +222,7 @@ def _simclr_worker(rank, world, z1_all, z2_all, t):
     return {"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}
 
 
+@pytest.mark.e2e
 def test_simclr_global_loss_and_gradients_equal_one_process(tmp_path):
     torch.manual_seed(0)
     n, t = 3, 0.2
@@ -240,6 +242,7 @@ def test_simclr_global_loss_and_gradients_equal_one_process(tmp_path):
     torch.testing.assert_close(g2, a2.grad)
 
 
+@pytest.mark.e2e
 def test_simclr_in_ddp_gives_the_gradient_of_the_global_batch_without_bn_effects(tmp_path):
     # With BN in eval mode (fixed statistics) the model is per-sample, so two processes of n
     # samples must reproduce one process over 2n samples exactly: loss and parameter gradients.
@@ -277,6 +280,7 @@ def _simclr_ddp_worker_eval(rank, world, state, x1_all, x2_all):
 
 # ------------------------------------------------------------------------------------------ MoCo
 
+@pytest.mark.e2e
 def test_moco_queues_agree_and_keys_enter_in_rank_order(tmp_path):
     torch.manual_seed(0)
     ref = MoCo(tiny_encoder, dim=8, K=10, m=0.9, shuffle_bn=False)
@@ -351,6 +355,7 @@ def _ddp_worker(rank, world, state):
     return {"drifted": drifted, "synced": model.state_dict()}
 
 
+@pytest.mark.e2e
 def test_ddp_wrapped_models_stay_identical(tmp_path):
     torch.manual_seed(0)
     state = copy.deepcopy(MoCo(tiny_encoder, dim=8, K=16, m=0.9).state_dict())

@@ -3,18 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from selfsup.builder import BYOL, MoCo, SimCLR
+from helpers import TINY_OPTIONS
 from selfsup.distributed import DistInfo
 from selfsup.engine import StepContext, progress_line, train_one_epoch
+from selfsup.methods import METHODS
 from test_builder import tiny_encoder
 
 # Every way a tensor's value reaches the host; on a GPU each one makes the host wait for it.
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
-MODELS = {
-    "moco": lambda: MoCo(tiny_encoder, dim=8, K=16, m=0.9, T=0.2),
-    "byol": lambda: BYOL(tiny_encoder, dim=8, hidden_dim=16, m=0.9),
-    "simclr": lambda: SimCLR(tiny_encoder, dim=8, hidden_dim=16, T=0.2),
-}
+MODELS = {name: (lambda cls=cls: cls(tiny_encoder, dim=8, **TINY_OPTIONS[cls.name])) for name, cls in METHODS.items()}
 
 
 def fake_loader(steps, n=4, seed=0):

@@ -24,6 +24,7 @@ TINY = ["-a", "resnet18", "--image-size", "16", "-b", "32", "-j", "0", "--mlp-di
         "-p", "100"]
 
 
+@pytest.mark.e2e
 def test_the_scripts_take_fashion_mnist_as_their_data(fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default output folder is named after the data
     assert main_pretrain.cli([str(fmnist), "--method", "simclr", *TINY, "--epochs", "1", "--knn-every", "1",

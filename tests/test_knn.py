@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import make_image_folder, run_distributed
 from selfsup import knn
-from selfsup.sampler import ShardSampler
-from selfsup.networks import backbone_constructor
+from selfsup.backbones import Features, backbone_constructor
+from selfsup.data.sampler import ShardSampler
 from test_lincls import load_script
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -142,17 +142,17 @@ def test_extract_features_single_process_order_eval_mode():
         knn.extract_features(backbone, DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True), "cpu")
 
 
-def test_resnet_features_share_weights_and_skip_the_head():
+def test_features_share_weights_and_skip_the_head():
     torch.manual_seed(0)
     net = backbone_constructor("resnet18")(num_classes=5).eval()
-    trunk = knn.resnet_features(net)
+    trunk = Features(net)
     x = torch.randn(2, 3, 32, 32)
     head = net.fc
     net.fc = nn.Identity()
     with torch.no_grad():
         assert torch.equal(trunk(x), net(x))
     net.fc = head
-    assert trunk[0] is net.conv1  # shared, not copied
+    assert trunk.net.conv1 is net.conv1  # shared, not copied
 
 
 def _extract_worker(rank, world, x, y, backbone_state, n_small):
@@ -170,6 +170,7 @@ def _extract_worker(rank, world, x, y, backbone_state, n_small):
     return out
 
 
+@pytest.mark.e2e
 def test_distributed_extraction_and_knn_equal_single_process(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(9, 2, 3), torch.arange(9)  # 9 samples: blocks of 4 and 5

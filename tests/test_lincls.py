@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import REPO, make_image_folder, torchrun
+from helpers import REPO, TINY_OPTIONS, make_image_folder, torchrun
 from PIL import Image
 
 from selfsup import build_model
 from selfsup.lincls import train_linear_epoch
+from selfsup.methods import METHODS
 from selfsup.probe import LinearProbe, SanityCheckError, build_probe, load_pretrained, sanity_check
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,10 +53,8 @@ def pretrain_checkpoint(path, method="moco", arch="resnet18", moco_format=False)
     """A checkpoint as main_pretrain.py writes it (or, with moco_format, as facebookresearch/moco's
     main_moco.py does). The key/target encoder is perturbed so that loading it instead of
     encoder_q would be caught. Returns (path, the expected backbone under torchvision names)."""
-    torch.manual_seed({"moco": 1, "byol": 2, "simclr": 3}[method])
-    options = {"moco": dict(dim=8, K=16, mlp=True), "byol": dict(dim=8, hidden_dim=16),
-               "simclr": dict(dim=8, hidden_dim=16)}[method]
-    model = build_model(method, arch, **options)
+    torch.manual_seed(1 + list(METHODS).index(method))
+    model = build_model(method, arch, dim=8, **TINY_OPTIONS[method])
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point():
@@ -117,7 +116,8 @@ def backbone_of(ckpt_path):
 # ---------------------------------------------------------------------------------------------- every method
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", list(METHODS))
 def test_linear_eval_from_each_method_checkpoint(method, data, tmp_path):
     ckpt, backbone = pretrain_checkpoint(tmp_path / "checkpoint.pth.tar", method)
     out = tmp_path / "out"
@@ -271,6 +271,7 @@ def test_sanity_check_fails_the_run_when_bn_statistics_move(data, moco_ckpt, tmp
 # ---------------------------------------------------------------------------------------------- cached features
 
 
+@pytest.mark.e2e
 def test_cached_features_equal_the_image_path_and_resume(data, moco_ckpt, tmp_path, capsys):
     ckpt = moco_ckpt[0]
     cached, images, resumed = tmp_path / "cached", tmp_path / "images", tmp_path / "resumed"

@@ -5,14 +5,15 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_image_folder, run_script, torchrun
+from helpers import make_image_folder, run_script, tiny_flags, torchrun
+from selfsup.methods import METHODS
 from selfsup.resume import without_stateless_extras
 
 import main_pretrain
 
 TINY = ["-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "1", "-j", "0", "--moco-dim", "16",
         "-p", "1", "--seed", "1"]
-METHOD_FLAGS = {"moco": ["--moco-k", "16", "--mlp"], "byol": ["--mlp-dim", "32"], "simclr": ["--mlp-dim", "32"]}
+METHOD_FLAGS = {method: tiny_flags(method) for method in METHODS}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_one_process_trains_and_writes_a_moco_style_checkpoint(method, folder, tmp_path):
     out = tmp_path / "run"
     assert pretrain(folder, "--method", method, *TINY, *METHOD_FLAGS[method], "--output-dir", out) == 0
@@ -58,7 +59,7 @@ def test_one_process_trains_and_writes_a_moco_style_checkpoint(method, folder, t
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_torchrun_two_processes(method, folder, tmp_path):
     out = tmp_path / "run"
     r = torchrun(2, ["main_pretrain.py", str(folder), "--method", method, *TINY, *METHOD_FLAGS[method],
@@ -91,6 +92,7 @@ def assert_same_state(a, b):
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
 
 
+@pytest.mark.e2e
 def test_resumed_run_continues_from_the_saved_epoch(folder, tmp_path):
     args = [folder, "--method", "moco", *TINY, *METHOD_FLAGS["moco"]]
     assert pretrain(*args, "--epochs", 2, "--output-dir", tmp_path / "straight") == 0
@@ -157,6 +159,7 @@ def test_checkpoint_of_another_method_is_refused_and_kept(folder, tmp_path, caps
     assert (out / "checkpoint.pth.tar").read_bytes() == before  # nothing already written is lost
 
 
+@pytest.mark.e2e
 def test_the_run_definition_guards_the_output_folder(folder, tmp_path, capsys):
     args = [*TINY, *METHOD_FLAGS["moco"]]
     out = tmp_path / "run"

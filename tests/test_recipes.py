@@ -14,10 +14,11 @@ from test_losses import naive_nt_xent
 import main_pretrain
 from selfsup import recipes
 from selfsup.builder import BYOL, SimCLR, build_model
-from selfsup.cli import UsageError
+from selfsup.errors import UsageError
 from selfsup.distributed import DistInfo
 from selfsup.engine import StepContext, train_one_epoch
 from selfsup.losses import byol_loss
+from selfsup.methods import METHODS
 from selfsup.networks import ScaleOnlyBatchNorm1d
 from selfsup.optim import LARS, cosine_lr, cosine_momentum, step_lr
 
@@ -196,5 +197,42 @@ def test_simclr_head_ends_in_a_scale_only_batchnorm_and_its_loss_is_the_codes_su
 
 
 def test_build_model_still_builds_every_method_with_its_defaults():
-    for method in ("moco", "byol", "simclr"):
+    for method in METHODS:
         assert build_model(method, "resnet18").encoder_q is not None
+
+
+# ---------------------------------------------------------------------------------------------- AdamW
+
+
+def test_adamw_leaves_biases_norms_position_embeddings_and_tokens_undecayed():
+    from selfsup.optim import build_optimizer
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.randn(1, 3, 4))
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+            self.proj = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.proj(x + self.pos_embed + self.cls_token)).sum()
+
+    torch.manual_seed(0)
+    net = Tokens()
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = build_optimizer("adamw", net.named_parameters(), lr=0.1, weight_decay=0.5)
+    decayed = {n for n, p in net.named_parameters() for g in opt.param_groups if g["weight_decay"] and
+               any(p is q for q in g["params"])}
+    assert decayed == {"proj.weight"}
+    net(torch.randn(2, 3, 4)).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.step()
+    # Independent: one AdamW step by its formula (Loshchilov & Hutter), bias-corrected moments of
+    # one gradient: m / sqrt(v) = g / |g| elementwise, then the decoupled decay on proj.weight only.
+    for n, p in net.named_parameters():
+        g = grads[n]
+        update = g / (g.abs() + 1e-8)
+        wd = 0.5 if n == "proj.weight" else 0.0
+        expected = start[n] * (1 - 0.1 * wd) - 0.1 * update
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6, msg=n)

@@ -10,7 +10,7 @@ It writes its own ImageFolder of ImageNet-like JPEGs (about 500x375, quality 90:
 cloud-like texture, shapes, sensor noise) under --data (default runs/benchmark-data), so anyone
 can rerun it from a fresh clone. Sections, each with the reference measured in the same run:
 
-  (a) the loader's CPU half per worker: decode + both crops as uint8 (selfsup.crops) against the
+  (a) the loader's CPU half per worker: decode + both crops as uint8 (selfsup.data.crops) against the
       reference per-image pipeline (PIL + torchvision v1, both views, as facebookresearch/moco);
   (b) the full augmentation on the current device: CPU half + batched colour half, and images
       held in memory at 32 px, against the reference;
@@ -47,16 +47,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
-from selfsup.augment import TwoViewAugment  # noqa: E402
+from selfsup import recipes  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
-from selfsup.crops import TwoCropsDataset  # noqa: E402
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist  # noqa: E402
+from selfsup.data.augmentations import build_two_crops_transform, get_preset  # noqa: E402
+from selfsup.data.batch_augment import TwoViewAugment  # noqa: E402
+from selfsup.data.crops import TwoCropsDataset  # noqa: E402
+from selfsup.data.inmemory import InMemoryImages  # noqa: E402
+from selfsup.data.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
 from selfsup.engine import StepContext, train_one_epoch  # noqa: E402
-from selfsup.inmemory import InMemoryImages  # noqa: E402
+from selfsup.methods import METHODS  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
-from selfsup.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
-from selfsup.presets import build_two_crops_transform, get_preset  # noqa: E402
 from selfsup.rng import augment_generator, seeded  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- data
@@ -265,15 +267,17 @@ def memory_aug(report: Report, images: np.ndarray, name: str, aug: str, size: in
 
 def train_step(report: Report, method: str, arch: str, size: int, batch: int, device: torch.device,
                precisions: list[str], steps: int, small_stem: bool = False) -> None:
-    """(c) images/s of one optimizer step with synthetic input, per precision, vs fp32."""
-    options = {"moco": {"K": 4096, "mlp": True, "T": 0.2}, "byol": {"hidden_dim": 1024}, "simclr": {"hidden_dim": 1024}}
+    """(c) images/s of one optimizer step with synthetic input, per precision, vs fp32; the method
+    with its small-image preset's options (heads, queue, momentum) at this batch."""
+    cfg = recipes.resolve(method, recipes.small_preset(method), False, {"batch_size": batch})
+    options = METHODS[method].options(cfg)
     x = torch.randn(2, batch, 3, size, size, device=device)
     rates = {}
     for prec in precisions:
         amp = "bf16" if "bf16" in prec else "none"
         cl = "channels_last" in prec
         torch.manual_seed(0)
-        model = build_model(method, arch, small_stem=small_stem, **options[method]).to(device)
+        model = build_model(method, arch, small_stem=small_stem, **options).to(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.01, 0.9, 1e-4)
@@ -409,10 +413,10 @@ def main() -> int:
         for size in ((32,) if quick else (32, 64)):
             train_step(report, "moco", "resnet18", size, 16 if quick else 32, cpu, precs, steps)
         if not quick:
-            for method in ("byol", "simclr"):
+            for method in [m for m in METHODS if m != "moco"]:  # MoCo's rows are above
                 train_step(report, method, "resnet18", 32, 32, cpu, ["fp32", "bf16+channels_last"], steps)
         if cuda:
-            for method in ("moco", "byol", "simclr"):
+            for method in METHODS:
                 train_step(report, method, "resnet18", 64, 256, device, ["fp32", "bf16+channels_last"], 10)
             train_step(report, "moco", "resnet50", 224, 256, device, precs, 10)
 

@@ -8,8 +8,8 @@ in the same run.
 
 For each method, the commands a user types (logged in OUT/<method>/commands.txt):
 
-  1. main_pretrain.py DATA --preset small-<method> --epochs E: the small-image recipe
-     (selfsup/recipes.py), with the online kNN after every epoch on a fixed subset;
+  1. main_pretrain.py DATA --preset small-<method> --epochs E: the method's small-image recipe
+     (its module in selfsup/methods/), with the online kNN after every epoch on a fixed subset;
   2. main_knn.py DATA --pretrained CKPT --k 200 -t 0.1 (and -t 0.07): the 60k training images as
      the bank, the 10k test images as queries;
   3. main_lincls.py DATA --pretrained CKPT --train-aug none --feature-bn --optimizer sgd --no-nesterov
@@ -25,7 +25,7 @@ DATA is Fashion-MNIST's idx files (--data; default Debian's location, `apt-get i
 dataset-fashion-mnist`; torchvision's FashionMNIST folder works too). Results: OUT/<method>/ (the
 runs) and RESULTS/results_<method>.json (--results-dir, default docs/fmnist) with the keys
 pretrained / random_init / raw_pixels, each {knn_t0.1, knn_t0.07, linear}, the epochs, the
-minutes, the online kNN per epoch, the machine and the commands.
+minutes, the online kNN per epoch, the machine and the commands (the --out folder written OUT).
 
 Run again into the same OUT with the same flags, a finished pretraining is kept (main_pretrain.py
 finds nothing to do; the JSON's wall_min then counts the evaluations only) and the evaluations are
@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
+from selfsup.backbones import Features
 from selfsup.builder import build_model
 from selfsup.checkpoint import save_atomic
 from selfsup.data import FASHION_MNIST_NAME, fashion_mnist_root, load_fashion_mnist
@@ -59,9 +60,11 @@ from selfsup.lincls import row_batches, train_linear_epoch, validate
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, load_pretrained
+from selfsup.resume import run_definition
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = {"moco": "MoCo v2", "byol": "BYOL", "simclr": "SimCLR"}
+# How the tables name each method: its small-image preset's title (MoCo v2, BYOL, SimCLR).
+NAMES = {method: recipes.PRESETS[recipes.small_preset(method)]["title"] for method in METHODS}
 # The linear protocol of every row (features standardised first, so one lr fits all of them).
 LINEAR = {"epochs": 50, "lr": 0.1, "batch_size": 256}
 KNN_K, KNN_TEMPERATURES = 200, (0.1, 0.07)
@@ -165,7 +168,7 @@ def backbone_features(ckpt: Path, data: Path, device: torch.device,
     pretrained = load_pretrained(ckpt)
     transform = eval_transform(pretrained.image_size or 32)
     train_ds, test_ds, classes = linear_eval_datasets(str(data), transform, transform)
-    backbone = build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights).backbone
+    backbone = Features(build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights).backbone)
     backbone.to(device)
     pin = device.type == "cuda"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -180,7 +183,7 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     device = ["--device", args.device] if args.device else []
     common = ["-j", str(args.workers), *device] if args.workers is not None else device
-    preset = f"small-{method}"
+    preset, name = recipes.small_preset(method), NAMES[method]
     commands: list[str] = []
     t0 = time.time()
     pretrain = out / "pretrain"
@@ -188,29 +191,31 @@ def benchmark(method: str, args: argparse.Namespace, data: Path, raw: dict, batc
            "--knn-every", str(args.knn_every), "--knn-subset", "5000", "--knn-k", str(KNN_K), "--knn-t", "0.1",
            "--output-dir", str(pretrain), *args.pretrain_args, *common]
     commands.append(" ".join(cmd))
-    print(f"{NAMES[method]}: pretraining {args.epochs} epochs ({preset}) -> {pretrain}", flush=True)
+    print(f"{name}: pretraining {args.epochs} epochs ({preset}) -> {pretrain}", flush=True)
     run(cmd, out / "pretrain.log", env)
     cfg = json.loads((pretrain / "args.json").read_text())  # the recipe as main_pretrain.py resolved it
     # The last record of each epoch: a run resumed mid-epoch logs that epoch again.
     records = sorted({r["epoch"]: r for r in jsonl(pretrain / "metrics.jsonl") if "epoch" in r}.values(),
                      key=lambda r: r["epoch"])
-    print(f"{NAMES[method]}: evaluating", flush=True)
+    print(f"{name}: evaluating", flush=True)
     pretrained = evaluate(pretrain / "checkpoint.pth.tar", str(data), out / "pretrained", common, env, commands, batch,
                           args)
     ckpt = random_init_checkpoint(method, cfg, args.seed, out / "random_init.pth.tar")
     random_init = evaluate(ckpt, str(data), out / "random_init", common, env, commands, batch, args)
     (out / "commands.txt").write_text("\n".join(f"python {c}" for c in commands) + "\n")
     return {
-        "method": method, "name": NAMES[method], "preset": preset, "epochs": args.epochs,
+        "method": method, "name": name, "preset": preset, "epochs": args.epochs,
         "arch": cfg["arch"], "image_size": cfg["image_size"], "small_stem": cfg["small_stem"],
         "pretrain_min": sum(r["epoch_time_s"] for r in records) / 60, "wall_min": (time.time() - t0) / 60,
         "pretrained": pretrained, "random_init": random_init, "raw_pixels": raw,
         "online_knn": [{"epoch": r["epoch"] + 1, "knn_top1": r.get("knn_top1"), "loss": r["loss"]} for r in records],
-        "recipe": {k: cfg.get(k) for k in recipes.RUN_DEFINING if k != "data"},
+        "recipe": {k: v for k, v in run_definition(cfg).items() if k != "data"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
                         "cores": os.cpu_count(), "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "commands": commands, "linear_protocol": {**LINEAR, "batch_size": batch}, "eval": args.eval,
+        # The machine's own folders stay out of the results: the --out folder is written OUT.
+        "commands": [c.replace(str(Path(args.out)), "OUT") for c in commands],
+        "linear_protocol": {**LINEAR, "batch_size": batch}, "eval": args.eval,
         "steps": steps_done(pretrain), "batch_size": cfg["batch_size"],
     }
 

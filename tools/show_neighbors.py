@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
+from selfsup.backbones import ARCHS, Features  # noqa: E402
 from selfsup.checkpoint import CheckpointError  # noqa: E402
 from selfsup.data import (  # noqa: E402
     DEMO_ROOT,
@@ -56,7 +57,6 @@ from selfsup.data import (  # noqa: E402
     resolve_split_dir,
 )
 from selfsup.knn import extract_features, make_eval_loader  # noqa: E402
-from selfsup.networks import ARCHS  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
 from selfsup.probe import build_probe, eval_transform, load_pretrained, readable  # noqa: E402
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             query = folder_split(root, args.split, transform)
             bank = folder_split(root, args.bank_split, transform)
         torch.manual_seed(args.seed)
-        backbone = build_probe(arch, small_stem, len(bank.classes), weights).backbone.to(device)
+        backbone = Features(build_probe(arch, small_stem, len(bank.classes), weights).backbone.to(device))
     except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

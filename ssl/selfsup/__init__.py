@@ -2,26 +2,29 @@
 
 The methods and what they are made of:
     builder      build_model and the public classes (the README's entry point)
-    methods/     one module per method behind one protocol (base.Method): moco, byol, simclr
-    networks     ResNets, small stem, MLP heads, split BatchNorm, EMA, DDP/compile unwrapping
+    methods/     one module per method, each the whole method (base.Method): moco, byol, simclr
+    backbones/   the backbone interface and its families (resnet); nothing else reads a network's layers
+    networks     MLP heads, split BatchNorm, EMA, DDP/compile unwrapping, compiling the networks
     losses       NT-Xent over the global batch, BYOL's regression loss, float32 under autocast
-Training:
+Configuration and training:
+    config       the configuration's layers: common defaults < method < preset or demo < flags
+    recipes      the tables gathered from the methods (--preset, linear protocols) and the resolver
     engine       the pretraining epoch loop (fit) and its steps (train_one_epoch)
-    optim        LARS, the one optimizer builder, lr and momentum schedules
-    recipes      the papers' recipes (--preset), the demo's, detection's, and their resolver
-    resume       the state that continues a run exactly; Checkpointer
+    optim        LARS, the one optimizer builder (SGD, LARS, AdamW), lr and momentum schedules
+    resume       what defines a run, the state that continues it exactly; Checkpointer
     checkpoint   atomic writes, weights_only reads, backbone extraction
+    errors       the bad-input errors every entry script reports as one line
     stopping     stop signals and non-finite losses
     distributed  device and backend, every collective, DDP-safe helpers
-    cli          usage errors, checks, agreement across ranks, args, DDP wrapping, launchers
-Data:
+    cli          checks, agreement across ranks, args, launchers: what each entry script does around its work
+Data (the package data/):
     data         image folders that survive bad files, Fashion-MNIST, the training loader
-    presets      the papers' augmentations (one spec for both pipelines), reference transforms
-    crops        crop geometry, decode-once worker crops
-    augment      the batched colour half (on the device)
-    inmemory     small datasets held in memory
-    pipeline     how pretraining batches reach the model (the backends)
-    sampler      resumable distributed sampling, exact evaluation shards
+    data.augmentations   the papers' augmentations (one spec for both pipelines), reference transforms
+    data.crops           crop geometry, decode-once worker crops
+    data.batch_augment   the batched colour half (on the device)
+    data.inmemory        small datasets held in memory
+    data.pipeline        how pretraining batches reach the model (the backends)
+    data.sampler         resumable distributed sampling, exact evaluation shards
     rng          seeds from positions, seeded blocks, generator states
 Evaluation:
     probe        the frozen backbone under evaluation and its labelled data

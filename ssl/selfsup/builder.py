@@ -1,20 +1,23 @@
-"""MoCo, BYOL and SimCLR around any torchvision-style ResNet, behind one builder.
+"""MoCo, BYOL and SimCLR around any backbone of selfsup.backbones, behind one builder.
 
     from selfsup.builder import MoCo, BYOL, SimCLR, build_model
     model = build_model("byol", "resnet18", small_stem=True)
 
-The methods live in selfsup.methods (one module each), the networks they are made of in
-selfsup.networks; this module is the one entry point the README documents.
+The methods live in selfsup.methods (one module each), the backbones in selfsup.backbones, the
+heads and helpers they are made of in selfsup.networks; this module is the one entry point the
+README documents.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch.nn as nn
 
 from .methods import BYOL, METHODS, Method, MoCo, SimCLR
-from .networks import ARCHS, SplitBatchNorm, backbone_constructor, compile_networks
+from .backbones import ARCHS, backbone_constructor
+from .networks import SplitBatchNorm, compile_networks
 
 __all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "SimCLR", "SplitBatchNorm", "backbone_constructor",
            "build_model", "compile_networks", "method_options"]
@@ -27,15 +30,18 @@ def method_options(method: str) -> set[str]:
 
 
 def build_model(
-    method: str, arch: str, small_stem: bool = False, sync_bn: bool = False, **options
+    method: str, arch: str, small_stem: bool = False, sync_bn: bool = False,
+    backbone_options: dict[str, Any] | None = None, **options
 ) -> Method:
-    """Build MoCo, BYOL or SimCLR around a torchvision ResNet.
+    """Build a method of METHODS around a backbone of selfsup.backbones.
 
     Args:
-        method: 'moco', 'byol' or 'simclr'.
-        arch: a torchvision ResNet name (see ARCHS).
-        small_stem: 3x3 stride-1 first conv and no max-pool, for 28-64 pixel images.
+        method: a name of METHODS ('moco', 'byol', 'simclr').
+        arch: a backbone name (see ARCHS), e.g. a torchvision ResNet's.
+        small_stem: the small-image variant (ResNets: 3x3 stride-1 first conv and no max-pool,
+            for 28-64 pixel images).
         sync_bn: convert every BatchNorm to SyncBatchNorm (needs a process group; CUDA only).
+        backbone_options: keywords for the backbone's constructor (build_backbone's kwargs).
         **options: the method's constructor arguments (e.g. dim, K, m, T, mlp, hidden_dim,
             bn_splits); `None` values are ignored so callers can pass optional flags through.
     """
@@ -48,7 +54,7 @@ def build_model(
             f"method '{method}' does not take option(s) {sorted(unknown)}; "
             f"it takes {sorted(method_options(method))}"
         )
-    model = METHODS[method](backbone_constructor(arch, small_stem), **options)
+    model = METHODS[method](backbone_constructor(arch, small_stem, **(backbone_options or {})), **options)
     if sync_bn:
         if options.get("bn_splits", 1) > 1:
             raise ValueError("sync_bn and bn_splits > 1 are alternatives; choose one")

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe loads, and the one backbone extraction every consumer uses.
+"""Checkpoints: atomic writes, safe loads, and the one backbone extraction every consumer uses
+(the backbone found and named through selfsup.backbones).
 
 Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts), so they load with
 `torch.load(..., weights_only=True)`; a file carrying pickled code is refused, never executed.
@@ -6,19 +7,27 @@ Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts), so 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from types import ModuleType
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
+from .backbones import FAMILIES, find_in_state, get_head, head_name, translate_foreign
+from .errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and the fix."""
+
+def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
+    """The arguments that are plain values (numbers, strings, lists, None): what a checkpoint may
+    hold (it loads with weights_only=True)."""
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {k: v for k, v in items if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +143,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # Where the trained backbone lives, most specific first: this project and facebookresearch/moco
 # (DDP-wrapped and not), moco-v3, then a bare model.
 _BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.", "")
-# Keys of the projection head inside encoder_q, or of a linear classifier and its feature
-# standardisation (main_lincls.py --feature-bn): dropped, linear evaluation adds its own.
-_HEAD_PREFIXES = ("fc.", "head.", "norm.")
+# Saved beside a classifier's head: main_lincls.py --feature-bn's standardisation of the features.
+# Dropped with the head (the projection head inside encoder_q, or a linear classifier): linear
+# evaluation adds its own.
+_CLASSIFIER_EXTRAS = ("norm.",)
 
 
 def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
@@ -154,40 +164,54 @@ def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor
 
 
 def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The trained backbone's weights under torchvision ResNet names (conv1.weight, layer1.0...).
+    """The trained backbone's weights under its family's names (torchvision's for a ResNet:
+    conv1.weight, layer1.0...).
 
     Keeps `encoder_q` (the network being trained, for every method), strips its prefix and drops
     the projection/prediction heads, the key/target network and the MoCo queue. Works for this
     project's checkpoints, facebookresearch/moco's, moco-v3's and a plain torchvision state dict.
     """
-    state = model_state_dict(checkpoint)
-    prefix = backbone_prefix(state)
+    state = translate_foreign(model_state_dict(checkpoint), _BACKBONE_PREFIXES)  # moco-v3's timm ViTs
+    prefix, family = find_backbone(state)
+    dropped = (f"{family.HEAD}.", *_CLASSIFIER_EXTRAS)
     return {
         k[len(prefix) :]: v
         for k, v in state.items()
-        if k.startswith(prefix) and not k[len(prefix) :].startswith(_HEAD_PREFIXES)
+        if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)
     }
 
 
-def backbone_prefix(state: Mapping[str, Any]) -> str:
+def find_backbone(state: Mapping[str, Any]) -> tuple[str, ModuleType]:
     """The key prefix under which `state` (model weights) holds the trained backbone, e.g.
-    'module.encoder_q.'; lets a tool report what `extract_backbone` left out."""
-    for prefix in _BACKBONE_PREFIXES:
-        if f"{prefix}conv1.weight" in state:
-            return prefix
-    raise CheckpointError(
-        "no ResNet backbone found in the checkpoint: expected keys like 'module.encoder_q.conv1.weight' "
-        f"(this project, facebookresearch/moco) or 'conv1.weight'; first keys are {list(state)[:5]}"
-    )
+    'module.encoder_q.', and the backbone's family (selfsup.backbones)."""
+    found = find_in_state(state, _BACKBONE_PREFIXES)
+    if found is None:
+        families = FAMILIES.values()
+        expected = " or ".join(f"'module.encoder_q.{f.MARKER}' (this project, facebookresearch/moco) or '{f.MARKER}'"
+                               for f in families)
+        raise CheckpointError(
+            f"no {' or '.join(f.TITLE for f in families)} backbone found in the checkpoint: expected keys like "
+            f"{expected}; first keys are {list(state)[:5]}"
+        )
+    return found
 
 
-def load_backbone(model: nn.Module, backbone: Mapping[str, torch.Tensor], allowed_missing=("fc.weight", "fc.bias")) -> None:
-    """Load backbone weights into a torchvision ResNet whose `fc` is new.
+def backbone_prefix(state: Mapping[str, Any]) -> str:
+    """The key prefix under which `state` holds the trained backbone (see find_backbone); lets a
+    tool report what `extract_backbone` left out."""
+    return find_backbone(state)[0]
 
-    The only keys allowed to be missing are `allowed_missing` (the new classifier); anything
-    else missing, any unexpected key and any shape mismatch is an error that lists them, so a
-    silently random backbone is impossible.
+
+def load_backbone(model: nn.Module, backbone: Mapping[str, torch.Tensor],
+                  allowed_missing: Iterable[str] | None = None) -> None:
+    """Load backbone weights into `model`, whose head is new.
+
+    The only keys allowed to be missing are `allowed_missing` (default: the head's, e.g. fc.weight
+    and fc.bias); anything else missing, any unexpected key and any shape mismatch is an error that
+    lists them, so a silently random backbone is impossible.
     """
+    if allowed_missing is None:
+        allowed_missing = [f"{head_name(model)}.{k}" for k in get_head(model).state_dict()]
     own = model.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -218,10 +242,10 @@ def infer_arch_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         "method": checkpoint.get("method") or args.get("method"),
         "small_stem": args.get("small_stem"),
     }
-    if info["small_stem"] is None:
+    if info["small_stem"] is None:  # what the weights say
         try:
-            conv1 = extract_backbone(checkpoint)["conv1.weight"]
-            info["small_stem"] = conv1.shape[-1] == 3
+            family = find_backbone(model_state_dict(checkpoint))[1]
+            info["small_stem"] = family.describe(extract_backbone(checkpoint)).get("small_stem")
         except CheckpointError:
             pass
     return info

@@ -16,16 +16,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoint import CheckpointError
 from .distributed import DistInfo, LaunchEnv, concat_all_gather, launch_env
-
-
-class UsageError(ValueError):
-    """Bad input found before training: printed as one line, exit status 2."""
-
-
-# What setup raises on bad input: reported as one line, exit status 2 (never a traceback).
-INPUT_ERRORS = (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError)
+from .errors import UsageError
 
 
 def per_process_batch(global_batch: int, world_size: int) -> int:
@@ -52,13 +44,6 @@ def agree_on_error(error: BaseException | None, dist: DistInfo) -> bool:
         where = f" (rank {dist.rank})" if dist.rank else ""
         print(f"error{where}: {error}", file=sys.stderr, flush=True)
     return bool(failed)
-
-
-def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
-    """The arguments that are plain values (numbers, strings, lists, None): what a checkpoint may
-    hold (it loads with weights_only=True)."""
-    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
-    return {k: v for k, v in items if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 def write_json(path: str | os.PathLike, obj: Any, dist: DistInfo) -> None:
@@ -116,7 +101,7 @@ def default_workers() -> int:
     return max(1, min(8, mine - 1))
 
 
-def default_output_dir(pretrained: str | os.PathLike, kind: str) -> Path:
+def evaluation_folder(pretrained: str | os.PathLike, kind: str) -> Path:
     """Results next to the evaluated checkpoint: `<its folder>/<kind>` for checkpoint.pth.tar,
     `<its folder>/<kind>-<name>` for any other file (e.g. lincls-checkpoint_0199)."""
     path = Path(pretrained)

@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
-from .cli import UsageError
+from .errors import UsageError
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
 from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
 from .optim import learning_rate, set_lr
-from .recipes import is_data_id, run_definition
-from .resume import Checkpointer, check_same_run, read_checkpoint, restore_run_state, run_state
+from .resume import (Checkpointer, check_same_run, is_data_id, read_checkpoint, restore_run_state, run_definition,
+                     run_state)
 from .rng import preserved
 from .stopping import NonFiniteLossError, StopRequest, signal_name
 
@@ -91,6 +91,79 @@ def _to_host_async(x: torch.Tensor) -> Callable[[], list[float]]:
     return values
 
 
+class EpochMeters:
+    """What an epoch accumulates, on the device: read only at print steps, step checkpoints and the
+    epoch's end (reading every step would make the host wait for the accelerator). `state` (from a
+    step checkpoint) makes the averages cover the steps before an interruption too."""
+
+    def __init__(self, device: torch.device, state: dict | None = None) -> None:
+        state = state or {}
+        self.loss_sum = torch.full((), float(state.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        self.count = int(state.get("count", 0))  # images whose loss is in loss_sum
+        self.skipped = int(state.get("skipped", 0))
+        self.std_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.std_steps = 0
+
+    def add(self, loss: torch.Tensor, n: int, skipped: int, last_z: torch.Tensor | None) -> None:
+        self.loss_sum += loss.detach().to(torch.float64) * n
+        self.count += n
+        self.skipped += skipped
+        if last_z is not None:  # the collapse signal (selfsup.monitor)
+            self.std_sum += embedding_std(last_z).to(torch.float64)
+            self.std_steps += 1
+
+    def state(self) -> dict:
+        """For a step checkpoint; loss_sum stays on the device until a checkpoint is written."""
+        return {"loss_sum": self.loss_sum, "count": self.count, "skipped": self.skipped}
+
+
+def _set_schedules(core: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext, epoch: int,
+                   step: int) -> tuple[float, float | None]:
+    """The learning rate and the method's momentum at this step (fractional epoch); returns both."""
+    epoch_float = epoch + step / ctx.steps_per_epoch
+    lr = learning_rate(ctx.base_lr, epoch_float, ctx.epochs, ctx.cos, ctx.schedule, ctx.warmup_epochs)
+    set_lr(optimizer, lr)
+    return lr, core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
+
+
+def _optimizer_step(model: nn.Module, views, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    ctx: StepContext, skipped: int, epoch: int, step: int) -> tuple[torch.Tensor, float, float]:
+    """Loss, backward pass and optimizer step; returns (loss, unreadable files skipped over all
+    processes, stop requested). The one wait of the step is for the fused flags of `_step_flags`,
+    read after the backward pass has been queued. Raises NonFiniteLossError, on every process,
+    before a non-finite step is applied."""
+    with autocast(ctx.dist.device, ctx.amp):
+        loss = model(views[0], views[1], return_loss=True)  # through DDP, which must see this call
+    flags = _to_host_async(all_reduce_sum(_step_flags(loss, ctx.stop.requested, skipped)))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    non_finite, stop, skipped_sum = flags()  # the step's one wait: for the forward pass and the sum
+    if non_finite:
+        raise NonFiniteLossError(
+            f"loss is not finite at epoch {epoch}, step {step} (global step {epoch * ctx.steps_per_epoch + step}) "
+            f"on {int(non_finite)} of {ctx.dist.world_size} process(es) (here: {loss.item()}); stopping before "
+            "this step is applied. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16."
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, skipped_sum, stop
+
+
+def _report_step(ctx: StepContext, epoch: int, step: int, loss: torch.Tensor, meters: EpochMeters, lr: float,
+                 momentum: float | None, steps_done: int, elapsed: float, data_time: float) -> None:
+    """The progress line (rank 0) and the per-step scalars, every ctx.print_freq steps and at the
+    epoch's last step: the only steps that read the meters."""
+    if not ctx.dist.is_main or not (step % ctx.print_freq == 0 or step + 1 == ctx.steps_per_epoch):
+        return
+    value = loss.item()
+    logger.info(progress_line(ctx, epoch, step, value, meters.loss_sum.item() / max(meters.count, 1), lr, steps_done,
+                              elapsed, data_time))
+    if ctx.scalars is not None:
+        ctx.scalars({"loss": value, "lr": lr, "momentum": momentum,
+                     "images_per_s": steps_done * ctx.global_batch / max(elapsed, 1e-9)},
+                    epoch * ctx.steps_per_epoch + step + 1)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -106,28 +179,21 @@ def train_one_epoch(
     """Train for the rest of epoch `epoch`, from step `start_step`.
 
     `make_views(batch, epoch, step)` turns the loader's batch into the two views on the device
-    (selfsup.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
-    (step checkpoints);
-    `meter_state` from such a checkpoint makes the epoch's averages cover the steps before the
-    interruption too. Returns the epoch's averages; `stopped_at` is set when a stop signal ended
-    the epoch early. Raises NonFiniteLossError, on every process, before applying a
-    non-finite step.
+    (selfsup.data.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
+    (step checkpoints); `meter_state` from such a checkpoint makes the epoch's averages cover the
+    steps before the interruption too. Returns the epoch's averages; `stopped_at` is set when a
+    stop signal ended the epoch early. Raises NonFiniteLossError, on every process, before
+    applying a non-finite step.
 
     The host waits for the accelerator once per step, at one fused check: the flags of
     `_step_flags` are summed over processes in one collective, copied to the host behind an
     event, and read after the backward pass has been queued - so the host waits for the forward
     pass and that sum only, while the accelerator runs the backward pass. (Under --amp fp16 the
     GradScaler adds a second wait, to skip steps with overflowing gradients.) Loss and embedding
-    spread accumulate on the device; they are read every `ctx.print_freq` steps and at the end
-    of the epoch.
+    spread accumulate on the device (EpochMeters); they are read every `ctx.print_freq` steps
+    and at the end of the epoch.
     """
-    device = ctx.dist.device
-    meter_state = meter_state or {}
-    loss_sum = torch.full((), float(meter_state.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
-    count = int(meter_state.get("count", 0))  # images whose loss is in loss_sum
-    std_sum = torch.zeros((), dtype=torch.float64, device=device)
-    std_steps = 0
-    skipped_total = int(meter_state.get("skipped", 0))
+    meters = EpochMeters(ctx.dist.device, meter_state)
     core = unwrap(model)
     model.train()
     stopped_at, momentum, lr = None, None, 0.0
@@ -136,63 +202,38 @@ def train_one_epoch(
     for i, (views, _, skipped) in enumerate(loader):
         step = start_step + i
         data_time += time.perf_counter() - end
-        epoch_float = epoch + step / ctx.steps_per_epoch
-        lr = learning_rate(ctx.base_lr, epoch_float, ctx.epochs, ctx.cos, ctx.schedule, ctx.warmup_epochs)
-        set_lr(optimizer, lr)
-        momentum = core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
-
+        lr, momentum = _set_schedules(core, optimizer, ctx, epoch, step)
         views = make_views(views, epoch, step)
-        with autocast(device, ctx.amp):
-            loss = model(views[0], views[1], return_loss=True)  # through DDP, which must see this call
-        flags = _to_host_async(all_reduce_sum(_step_flags(loss, ctx.stop.requested, int(skipped.sum()))))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        non_finite, stop, skipped_sum = flags()  # the step's one wait: for the forward pass and the sum
-        if non_finite:
-            raise NonFiniteLossError(
-                f"loss is not finite at epoch {epoch}, step {step} (global step {epoch * ctx.steps_per_epoch + step}) "
-                f"on {int(non_finite)} of {ctx.dist.world_size} process(es) (here: {loss.item()}); stopping before "
-                "this step is applied. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16."
-            )
-        scaler.step(optimizer)
-        scaler.update()
-
-        n = views[0].shape[0]
-        loss_sum += loss.detach().to(torch.float64) * n
-        count += n
-        skipped_total += int(skipped_sum)
-        if core.last_z is not None:
-            std_sum += embedding_std(core.last_z).to(torch.float64)
-            std_steps += 1
+        loss, skipped_sum, stop = _optimizer_step(model, views, optimizer, scaler, ctx, int(skipped.sum()), epoch,
+                                                  step)
+        meters.add(loss, views[0].shape[0], int(skipped_sum), core.last_z)
         steps_done += 1
-        if ctx.dist.is_main and (step % ctx.print_freq == 0 or step + 1 == ctx.steps_per_epoch):
-            elapsed, value = time.perf_counter() - t_start, loss.item()
-            logger.info(progress_line(ctx, epoch, step, value, loss_sum.item() / max(count, 1), lr, steps_done,
-                                      elapsed, data_time))
-            if ctx.scalars is not None:
-                ctx.scalars({"loss": value, "lr": lr, "momentum": momentum,
-                             "images_per_s": steps_done * ctx.global_batch / max(elapsed, 1e-9)},
-                            epoch * ctx.steps_per_epoch + step + 1)
-        if after_step is not None:  # loss_sum stays on the device: read only if a checkpoint is written
-            after_step(step + 1, {"loss_sum": loss_sum, "count": count, "skipped": skipped_total})
+        _report_step(ctx, epoch, step, loss, meters, lr, momentum, steps_done, time.perf_counter() - t_start,
+                     data_time)
+        if after_step is not None:
+            after_step(step + 1, meters.state())
         if stop:
             stopped_at = step + 1
             break
         end = time.perf_counter()
+    return _epoch_stats(meters, ctx, lr, momentum, steps_done, time.perf_counter() - t_start, data_time, stopped_at)
 
-    elapsed = time.perf_counter() - t_start
-    totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), float(count))])).tolist()
+
+def _epoch_stats(meters: EpochMeters, ctx: StepContext, lr: float, momentum: float | None, steps_done: int,
+                 elapsed: float, data_time: float, stopped_at: int | None) -> dict:
+    """The epoch's averages over every process (the loss from totals: images weigh the same)."""
+    totals = all_reduce_sum(torch.stack([meters.loss_sum, meters.loss_sum.new_full((), float(meters.count))])).tolist()
     return {
         "loss": totals[0] / totals[1] if totals[1] else float("nan"),
         "lr": lr,
         "momentum": momentum,
-        "embed_std": (std_sum / std_steps).item() if std_steps else None,
+        "embed_std": (meters.std_sum / meters.std_steps).item() if meters.std_steps else None,
         # From totals: the images this process trained on over the wall time, for the global batch.
         "images_per_s": steps_done * ctx.global_batch / elapsed if steps_done else None,
         "data_time": data_time / steps_done if steps_done else None,
-        "skipped_images": skipped_total,
+        "skipped_images": meters.skipped,
         "stopped_at": stopped_at,
-        "meter_state": {"loss_sum": float(loss_sum), "count": count, "skipped": skipped_total},
+        "meter_state": {"loss_sum": float(meters.loss_sum), "count": meters.count, "skipped": meters.skipped},
     }
 
 
@@ -220,7 +261,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
         knn_every: int = 0, save_freq: int = 10, save_every_steps: int = 0, save_every_epochs: int = 1) -> int:
     """Train epochs start_epoch .. ctx.epochs - 1 (the first from `start_step`) and report them.
 
-    `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.pipeline.Pipeline;
+    `model` is the method, DDP-wrapped when distributed; `pipeline` a selfsup.data.pipeline.Pipeline;
     `checkpointer.save(*copies, epoch=, step=, meters=)` writes a checkpoint holding where to
     continue; `meter_state` (from a step checkpoint) makes the first epoch's averages cover the
     steps before the interruption. Every `knn_every` epochs (and after the last) `monitor`
@@ -318,7 +359,7 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
         return {"epoch": args.start_epoch or 0, "step": 0, "meters": None}
     current = vars(args)
     saved = ckpt.get("run")
-    if saved is None:  # checkpoints before run definitions were recorded
+    if saved is None:  # a checkpoint that records no run definition: rebuilt from its args
         old = ckpt.get("args") or {}
         saved = run_definition({**old, "method": ckpt.get("method", old.get("method", "moco")),
                                 "arch": ckpt.get("arch", old.get("arch"))})
@@ -329,8 +370,8 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
         unwrap(model).load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:
         raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim? "
-                         "or a SimCLR run from before its head gained the scale-only BatchNorm, 2026-11-30, which "
-                         f"cannot continue: start a new run): {str(e).splitlines()[0]} ...") from e
+                         "or a SimCLR run whose head lacks the scale-only BatchNorm of SimCLR's code, which cannot "
+                         f"continue: start a new run): {str(e).splitlines()[0]} ...") from e
     restore_run_state(ckpt, dist, optimizer, scaler)
     start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
     if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end

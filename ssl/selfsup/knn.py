@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .distributed import all_reduce_sum, concat_all_gather, get_rank, get_world_size
 from .meters import accuracy
-from .sampler import ShardSampler, shard_range
+from .data.sampler import ShardSampler, shard_range
 from .stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,6 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def resnet_features(net: nn.Module) -> nn.Module:
-    """The pooled-feature trunk of a torchvision-style ResNet (everything before `fc`), sharing
-    its modules (no copy): e.g. `extract_features(resnet_features(model.encoder_q), ...)` during
-    pretraining, whose `fc` is the projection head."""
-    return nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4,
-        net.avgpool, nn.Flatten(1),
-    )
-
-
 def _check_exact_loader(loader: DataLoader) -> None:
     sampler = loader.sampler
     if isinstance(sampler, ShardSampler):
@@ -103,8 +93,8 @@ def extract_features(
     """Features and labels of every sample of `loader.dataset`, in dataset order, on every process.
 
     Args:
-        backbone: maps a batch N x 3 x H x W to features N x D (e.g. a ResNet whose fc is
-            nn.Identity(), or `resnet_features(resnet)`). It runs in eval mode (BatchNorm uses
+        backbone: maps a batch N x 3 x H x W to features N x D (e.g. a network whose head is
+            nn.Identity(), or `selfsup.backbones.Features(net)`). It runs in eval mode (BatchNorm uses
             its running statistics); its previous mode is restored afterwards.
         loader: from `make_eval_loader` (or unshuffled, on one process). Its batches are
             (images, labels, ...) as ImageDataset or torchvision's ImageFolder give them.

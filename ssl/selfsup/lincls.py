@@ -22,6 +22,7 @@ import hashlib
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -29,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import Features
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .cli import UsageError
+from .errors import UsageError
 from .data import training_loader
 from .distributed import DistInfo, all_reduce_sum, get_rank, wrap_ddp
 from .knn import extract_features, make_eval_loader
@@ -38,7 +40,7 @@ from .meters import AverageMeter, MetricsWriter, ProgressMeter, accuracy
 from .optim import set_lr
 from .probe import LinearProbe, Pretrained, SanityCheckError, changed_backbone_keys, sanity_check
 from .resume import run_state
-from .sampler import ResumableDistributedSampler
+from .data.sampler import ResumableDistributedSampler
 from .stopping import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -233,92 +235,136 @@ def validate(
 # ----------------------------------------------------------------------------------------------
 
 
-def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, sampler: ResumableDistributedSampler,
-        *, dist: DistInfo, epochs: int, start_epoch: int, best_acc1: float, lr_at: Callable[[float], float],
-        global_batch: int, workers: int, seed: int, cached: bool, output_dir: Path, state: Callable[..., dict],
-        metrics: MetricsWriter, save_features: bool = False, print_freq: int = 10,
-        pretrained_path: str | None = None) -> int:
-    """Train the linear classifier `probe.fc` for epochs start_epoch .. epochs - 1, validating and
-    checkpointing after each; returns the exit status (1 on a non-finite loss or a failed check).
+@dataclass
+class ProbeRun:
+    """How a linear classifier is trained, besides the probe, its optimizer and the data.
 
-    `cached`: compute the frozen features once (or read them from OUTPUT_DIR with
+    `cached`: compute the frozen features once (or read them from `output_dir` with
     `save_features`) and train on them, every process on the whole global batches; otherwise the
-    image path, DDP over the classifier. `state(epoch=, best_acc1=, val=)` builds a checkpoint;
-    OUTPUT_DIR/checkpoint.pth.tar holds the latest, model_best.pth.tar the best epoch's. After
-    the first epoch the backbone is compared with `pretrained_path` on disk (MoCo's sanity check).
-    """
-    device = dist.device
-    local_batch = sampler.batch_size
-    val_loader = make_eval_loader(val_ds, local_batch, workers, device.type == "cuda")
-    if cached:
-        t0 = time.perf_counter()
-        train_loader = make_eval_loader(train_ds, local_batch, workers, device.type == "cuda")
-        fingerprint = {}
-        if save_features:
-            weights = probe.backbone.state_dict()
-            fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples)
-                           for name, ds in (("train", train_ds), ("val", val_ds))}
-        cache = {name: output_dir / f"features_{name}.pth" for name in fingerprint}  # empty without save_features
-        train_feats, train_labels = load_or_extract_features(probe.backbone, train_loader, device, cache.get("train"),
-                                                             fingerprint.get("train", ""))
-        val_feats, val_labels = load_or_extract_features(probe.backbone, val_loader, device, cache.get("val"),
-                                                         fingerprint.get("val", ""))
-        extract_s = time.perf_counter() - t0
-        logger.info("features of %d + %d images (%d dims) ready in %.1fs", train_feats.shape[0], val_feats.shape[0],
-                    train_feats.shape[1], extract_s)
-        metrics.write({"event": "features", "train_n": train_feats.shape[0], "val_n": val_feats.shape[0],
+    image path, DDP over the classifier. `lr_at(fractional epoch)` is the schedule;
+    `state(epoch=, best_acc1=, val=)` builds a checkpoint. After the first epoch the backbone is
+    compared with `pretrained_path` on disk (MoCo's sanity check)."""
+
+    dist: DistInfo
+    epochs: int
+    lr_at: Callable[[float], float]
+    global_batch: int
+    workers: int
+    seed: int
+    cached: bool
+    output_dir: Path
+    state: Callable[..., dict]
+    metrics: MetricsWriter
+    save_features: bool = False
+    print_freq: int = 10
+    pretrained_path: str | None = None
+
+
+def _cached_epochs(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, local_batch: int,
+                   run: ProbeRun) -> tuple[Callable[[int], tuple[dict, dict]], int]:
+    """Features once (or from the cache files), then `(epoch -> (train stats, validation), steps per
+    epoch)`: every process trains the same classifier on the whole global batches of the image
+    path's permutation (the head is tiny: computing all of them beats splitting them and
+    averaging gradients), over the readable images (extraction leaves unreadable files out)."""
+    device, t0 = run.dist.device, time.perf_counter()
+    loaders = {name: make_eval_loader(ds, local_batch, run.workers, device.type == "cuda")
+               for name, ds in (("train", train_ds), ("val", val_ds))}
+    fingerprint = {}
+    if run.save_features:
+        weights = probe.backbone.state_dict()
+        fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples)
+                       for name, ds in (("train", train_ds), ("val", val_ds))}
+    trunk = Features(probe.backbone)
+    (train_feats, train_labels), (val_feats, val_labels) = (
+        load_or_extract_features(trunk, loaders[name], device,
+                                 run.output_dir / f"features_{name}.pth" if name in fingerprint else None,
+                                 fingerprint.get(name, ""))
+        for name in ("train", "val"))
+    extract_s = time.perf_counter() - t0
+    logger.info("features of %d + %d images (%d dims) ready in %.1fs", train_feats.shape[0], val_feats.shape[0],
+                train_feats.shape[1], extract_s)
+    run.metrics.write({"event": "features", "train_n": train_feats.shape[0], "val_n": val_feats.shape[0],
                        "dim": train_feats.shape[1], "time_s": extract_s})
-        # The global batches of the image path (same permutation, see ResumableDistributedSampler),
-        # all on this process; the head is tiny, so rather than splitting them and averaging
-        # gradients, every process computes them all, identically.
-        # (Over the readable images: extraction leaves unreadable files out.)
-        replica_sampler = ResumableDistributedSampler(len(train_feats), global_batch, 1, 0, seed=seed)
+    replica_sampler = ResumableDistributedSampler(len(train_feats), run.global_batch, 1, 0, seed=run.seed)
+    steps = replica_sampler.steps_per_epoch
+
+    def epoch_of(epoch: int) -> tuple[dict, dict]:
+        replica_sampler.set_epoch(epoch)
+        batches = cached_train_batches(train_feats, train_labels, replica_sampler)
+        stats = train_linear_epoch(probe.head, batches, optimizer, run.lr_at, epoch, steps, device, reduce=False)
+        probe.eval()
+        return stats, validate(probe.head, row_batches(val_feats, val_labels, run.global_batch), device, reduce=False)
+
+    return epoch_of, steps
+
+
+def _image_epochs(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds,
+                  sampler: ResumableDistributedSampler, run: ProbeRun) -> tuple[Callable[[int], tuple[dict, dict]], int]:
+    """`(epoch -> (train stats, validation), steps per epoch)` on the images: the frozen backbone
+    on every step's batch, DDP over the classifier, exact distributed validation."""
+    device = run.dist.device
+    train_loader = training_loader(train_ds, sampler, batch_size=sampler.batch_size, workers=run.workers,
+                                   seed=run.seed, pin_memory=device.type == "cuda", drop_last=True)
+    val_loader = make_eval_loader(val_ds, sampler.batch_size, run.workers, device.type == "cuda")
+    head = wrap_ddp(probe.head, run.dist)  # only the classifier has gradients to average
+
+    def epoch_of(epoch: int) -> tuple[dict, dict]:
+        batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
+        stats = train_linear_epoch(head, batches, optimizer, run.lr_at, epoch, sampler.steps_per_epoch, device,
+                                   run.print_freq)
+        probe.eval()
+        return stats, validate(probe, image_batches(val_loader, device, readable_only=True), device)
+
+    return epoch_of, sampler.steps_per_epoch
+
+
+class _ClassifierCheckpoints:
+    """OUTPUT_DIR/checkpoint.pth.tar (the latest) and model_best.pth.tar (the best epoch's), by
+    rank 0. An epoch on cached features takes milliseconds: those are written once a minute and
+    at the end rather than rewriting the whole backbone every epoch."""
+
+    def __init__(self, run: ProbeRun) -> None:
+        self.run, self.last_save = run, time.perf_counter()
+        self.best: dict | None = None  # the best epoch's checkpoint, until written
+
+    def after_epoch(self, epoch: int, best_acc1: float, val: dict, is_best: bool) -> None:
+        if not self.run.dist.is_main:
+            return
+        ckpt = self.run.state(epoch=epoch + 1, best_acc1=best_acc1, val=val)
+        if is_best:  # a snapshot: the live fc and optimizer keep changing
+            self.best = {**ckpt, "state_dict": {k: v.clone() for k, v in ckpt["state_dict"].items()},
+                         "optimizer": copy.deepcopy(ckpt["optimizer"])}
+        if not self.run.cached or epoch + 1 == self.run.epochs or time.perf_counter() - self.last_save >= 60:
+            save_atomic(ckpt, self.run.output_dir / "checkpoint.pth.tar")
+            if self.best is not None:
+                save_atomic(self.best, self.run.output_dir / "model_best.pth.tar")
+                self.best = None
+            self.last_save = time.perf_counter()
+
+
+def train_probe(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds,
+                sampler: ResumableDistributedSampler, run: ProbeRun, start_epoch: int = 0,
+                best_acc1: float = -1.0) -> int:
+    """Train the linear classifier `probe.fc` for epochs start_epoch .. run.epochs - 1, validating
+    and checkpointing after each; returns the exit status (1 on a non-finite loss or a failed
+    sanity check)."""
+    if run.cached:
+        epoch_of, _ = _cached_epochs(probe, optimizer, train_ds, val_ds, sampler.batch_size, run)
     else:
-        train_loader = training_loader(train_ds, sampler, batch_size=local_batch, workers=workers, seed=seed,
-                                       pin_memory=device.type == "cuda", drop_last=True)
-        head = wrap_ddp(probe.head, dist)  # only the classifier has gradients to average
-    steps = (replica_sampler if cached else sampler).steps_per_epoch
-    t_start = last_save = time.perf_counter()
-    best_state = None  # the best epoch's checkpoint, until written
-    val: dict = {}
+        epoch_of, _ = _image_epochs(probe, optimizer, train_ds, val_ds, sampler, run)
+    checkpoints = _ClassifierCheckpoints(run)
+    t_start, val = time.perf_counter(), {}
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, run.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
             probe.train()  # the backbone stays in eval mode (LinearProbe.train)
-            if cached:  # every process trains the same classifier on whole global batches
-                replica_sampler.set_epoch(epoch)
-                batches = cached_train_batches(train_feats, train_labels, replica_sampler)
-                stats = train_linear_epoch(probe.head, batches, optimizer, lr_at, epoch, steps, device, reduce=False)
-                probe.eval()
-                val = validate(probe.head, row_batches(val_feats, val_labels, global_batch), device, reduce=False)
-            else:
-                batches = ((probe.features(x), y) for x, y in image_batches(train_loader, device))
-                stats = train_linear_epoch(head, batches, optimizer, lr_at, epoch, steps, device, print_freq)
-                probe.eval()
-                val = validate(probe, image_batches(val_loader, device, readable_only=True), device)
-            is_best = val["val_acc1"] > best_acc1
-            best_acc1 = max(best_acc1, val["val_acc1"])
-            if dist.is_main:
-                ckpt = state(epoch=epoch + 1, best_acc1=best_acc1, val=val)
-                if is_best:  # a snapshot: the live fc and optimizer keep changing
-                    best_state = {**ckpt, "state_dict": {k: v.clone() for k, v in ckpt["state_dict"].items()},
-                                  "optimizer": copy.deepcopy(ckpt["optimizer"])}
-                # An epoch on cached features takes milliseconds: checkpoint once a minute and at the end
-                # rather than rewriting the whole backbone every epoch.
-                if not cached or epoch + 1 == epochs or time.perf_counter() - last_save >= 60:
-                    save_atomic(ckpt, output_dir / "checkpoint.pth.tar")
-                    if best_state is not None:
-                        save_atomic(best_state, output_dir / "model_best.pth.tar")
-                        best_state = None
-                    last_save = time.perf_counter()
-            if epoch == start_epoch and pretrained_path is not None:
-                sanity_check(probe, pretrained_path)  # every process checks its own copy
-            record = {"epoch": epoch, **stats, **val, "best_acc1": best_acc1, "epoch_time_s": time.perf_counter() - t0}
-            metrics.write(record, step=epoch, prefix="lincls/")
-            logger.info("Epoch %d: train loss %.4f acc@1 %.2f | val loss %.4f acc@1 %.2f acc@5 %.2f (best %.2f) | "
-                        "lr %.4g | %.1fs", epoch, stats["train_loss"], stats["train_acc1"], val["val_loss"],
-                        val["val_acc1"], val["val_acc5"], best_acc1, stats["lr"], record["epoch_time_s"])
+            stats, val = epoch_of(epoch)
+            is_best, best_acc1 = val["val_acc1"] > best_acc1, max(best_acc1, val["val_acc1"])
+            checkpoints.after_epoch(epoch, best_acc1, val, is_best)
+            if epoch == start_epoch and run.pretrained_path is not None:
+                sanity_check(probe, run.pretrained_path)  # every process checks its own copy
+            _report_epoch(run, epoch, stats, val, best_acc1, time.perf_counter() - t0)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -326,9 +372,18 @@ def fit(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_ds, val_ds, 
         print(f"error: sanity check failed: {e}", file=sys.stderr, flush=True)
         return 1
     logger.info("Done: %d epochs in %.1fs. Last: acc@1 %.2f acc@5 %.2f; best acc@1 %.2f. Classifier: %s",
-                epochs - start_epoch, time.perf_counter() - t_start, val["val_acc1"], val["val_acc5"], best_acc1,
-                output_dir / "checkpoint.pth.tar")
+                run.epochs - start_epoch, time.perf_counter() - t_start, val["val_acc1"], val["val_acc5"], best_acc1,
+                run.output_dir / "checkpoint.pth.tar")
     return 0
+
+
+def _report_epoch(run: ProbeRun, epoch: int, stats: dict, val: dict, best_acc1: float, seconds: float) -> None:
+    """The epoch's metrics.jsonl record and log line."""
+    record = {"epoch": epoch, **stats, **val, "best_acc1": best_acc1, "epoch_time_s": seconds}
+    run.metrics.write(record, step=epoch, prefix="lincls/")
+    logger.info("Epoch %d: train loss %.4f acc@1 %.2f | val loss %.4f acc@1 %.2f acc@5 %.2f (best %.2f) | "
+                "lr %.4g | %.1fs", epoch, stats["train_loss"], stats["train_acc1"], val["val_loss"],
+                val["val_acc1"], val["val_acc5"], best_acc1, stats["lr"], seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,13 +397,14 @@ def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args,
                      best_acc1: float, val: dict, arch: str, small_stem: bool, image_size: int, classes: list[str],
                      pretrained: str | None) -> dict:
     """A classifier checkpoint, in plain types (loads with weights_only=True). `state_dict` keys are
-    torchvision names with the DDP prefix, as MoCo's classifier checkpoints; its backbone part
+    the backbone family's names (torchvision's for a ResNet) with the DDP prefix, as MoCo's
+    classifier checkpoints; its backbone part
     feeds --pretrained too. `epoch` is the next epoch to train."""
     return {
         "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "small_stem": small_stem, "image_size": image_size,
         "feature_bn": isinstance(probe.norm, nn.BatchNorm1d),
         "num_classes": len(classes), "classes": list(classes),
-        "state_dict": {f"module.{k}": v for k, v in probe.resnet_state_dict().items()},
+        "state_dict": {f"module.{k}": v for k, v in probe.classifier_state_dict().items()},
         "best_acc1": best_acc1, "val": dict(val), "pretrained": pretrained,
         **run_state(optimizer, args, dist),
     }
@@ -366,7 +422,7 @@ def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str,
     if problems:
         raise UsageError(f"'{path}' was trained in another setting: {', '.join(problems)}. Use a new --output-dir.")
     try:
-        probe.load_resnet_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        probe.load_classifier_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:
         raise UsageError(f"'{path}' does not fit this model: {str(e).splitlines()[0]}") from e
     changed = changed_backbone_keys(probe, pretrained.weights) if pretrained is not None else []

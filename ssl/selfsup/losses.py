@@ -1,4 +1,4 @@
-"""Loss functions of the three methods."""
+"""Loss functions of the methods."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_gather_with_grad, get_rank
+from .distributed import all_gather_with_grad, concat_all_gather, get_rank
 
 
 def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -74,3 +74,18 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """
     with full_precision(p):
         return 2 - 2 * F.cosine_similarity(at_least_fp32(p), at_least_fp32(z), dim=-1)
+
+
+def global_keys_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """moco-v3's contrastive loss: each query against the keys of every process (gathered without
+    gradient), its positive the key of the same image, cross-entropy scaled by 2T.
+
+    q: N x C (this process's queries, with gradient), k: N x C (its keys). Computed in float32
+    under autocast. Process r's positives sit at rows r*N .. r*N + N - 1 of the gathered keys.
+    """
+    with full_precision(q):
+        q = F.normalize(at_least_fp32(q), dim=1)
+        k = concat_all_gather(F.normalize(at_least_fp32(k.detach()), dim=1))  # (world x N) x C
+        logits = q @ k.T / temperature  # N x (world x N)
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()
+        return F.cross_entropy(logits, labels) * (2 * temperature)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .knn import extract_features, knn_evaluate, make_eval_loader, resnet_features
+from .backbones import Features
+from .knn import extract_features, knn_evaluate, make_eval_loader
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class KNNMonitor:
 
     @torch.no_grad()
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        """Evaluate the trunk of `encoder` (a ResNet whose fc is the projection head)."""
-        backbone = resnet_features(encoder)
+        """Evaluate `encoder` without its head (the projection head during pretraining)."""
+        backbone = Features(encoder)
         pin = self.device.type == "cuda"
         train_f, train_y = extract_features(backbone, make_eval_loader(self.train, self.batch_size, self.workers, pin),
                                             self.device)

@@ -1,34 +1,16 @@
-"""The networks the methods are made of: torchvision ResNets (optionally with the small-image
-stem), projection/prediction MLPs, BatchNorm over sub-batches (shuffle BN on one process), the
-EMA update of a momentum network, unwrapping a model (DDP, torch.compile) and compiling its
-networks."""
+"""What the methods build around a backbone (selfsup.backbones): projection/prediction MLPs,
+BatchNorm over sub-batches (shuffle BN on one process), the EMA update of a momentum network,
+unwrapping a model (DDP, torch.compile) and compiling its networks."""
 
 from __future__ import annotations
 
 import functools
 import subprocess
 import sys
-from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-
-# torchvision constructors whose models have the ResNet layout (conv1/bn1/layer1-4/fc).
-ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -120,12 +102,13 @@ LAST_NORMS = (None, "bn", "bn_scale")
 
 
 def build_mlp(
-    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_norm: str | None = None
+    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_norm: str | None = None,
+    last_bias: bool = True,
 ) -> nn.Sequential:
     """Projection/prediction MLP: (Linear without bias - BN - ReLU) x (num_layers - 1), then the
-    output layer: a Linear with bias (`last_norm` None: BYOL), or a Linear without bias followed by
-    a BatchNorm without affine parameters ("bn": moco-v3) or with a scale and no shift
-    ("bn_scale": SimCLR)."""
+    output layer: a Linear with bias (`last_norm` None: BYOL; without it with `last_bias=False`:
+    moco-v3's ResNet predictor), or a Linear without bias followed by a BatchNorm without affine
+    parameters ("bn": moco-v3) or with a scale and no shift ("bn_scale": SimCLR)."""
     if last_norm not in LAST_NORMS:
         raise ValueError(f"last_norm must be one of {LAST_NORMS}, got {last_norm!r}")
     layers: list[nn.Module] = []
@@ -135,7 +118,7 @@ def build_mlp(
         if i < num_layers - 1:
             layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_norm is None:
-            layers.append(nn.Linear(d_in, d_out))
+            layers.append(nn.Linear(d_in, d_out, bias=last_bias))
         else:
             norm = nn.BatchNorm1d(d_out, affine=False) if last_norm == "bn" else ScaleOnlyBatchNorm1d(d_out)
             layers += [nn.Linear(d_in, d_out, bias=False), norm]
@@ -159,33 +142,6 @@ def freeze(module: nn.Module) -> None:
     """No gradients for `module`: a momentum network, updated by EMA only."""
     for p in module.parameters():
         p.requires_grad = False
-
-
-def feature_dim(encoder: nn.Module) -> int:
-    """Width of the pooled features of a torchvision-style ResNet (the input of its `fc`)."""
-    if not hasattr(encoder, "fc") or not isinstance(encoder.fc, nn.Linear):
-        raise TypeError(
-            "base_encoder must build a torchvision-style ResNet whose last layer is `fc` "
-            f"(an nn.Linear); got {type(encoder).__name__} with fc={getattr(encoder, 'fc', None)!r}"
-        )
-    return encoder.fc.weight.shape[1]
-
-
-def _resnet(arch: str, small_stem: bool, num_classes: int, **kwargs) -> nn.Module:
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
-    if small_stem:
-        # 32-pixel data (CIFAR recipe of SimCLR/MoCo demos): 3x3 stride-1 conv, no max-pool.
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    return net
-
-
-def backbone_constructor(arch: str, small_stem: bool = False) -> Callable[..., nn.Module]:
-    """A torchvision-style constructor `f(num_classes) -> ResNet` for `arch`, optionally with the
-    small-image stem."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch '{arch}'; valid: {', '.join(ARCHS)}")
-    return partial(_resnet, arch, small_stem)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

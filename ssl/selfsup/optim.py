@@ -1,5 +1,6 @@
-"""Optimizers and schedules: LARS, learning-rate warmup + cosine, MoCo's step schedule and the
-cosine momentum schedule of BYOL / moco-v3."""
+"""Optimizers and schedules: LARS, the one optimizer builder (SGD, LARS, AdamW with its no-decay
+set), learning-rate warmup + cosine, MoCo's step schedule and the cosine momentum schedule of
+BYOL / moco-v3."""
 
 from __future__ import annotations
 
@@ -109,13 +110,53 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
+# Parameters that take no weight decay whatever their shape: a Vision Transformer's position
+# embedding and its tokens (timm's `no_weight_decay`, as MAE and DINO use it). Matched against
+# the last part of the parameter's name.
+NO_DECAY_NAMES = ("pos_embed", "pos_embedding", "cls_token", "class_token", "dist_token", "mask_token",
+                  "register_tokens")
+
+
+def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """False for biases and normalisation parameters (ndim <= 1) and for NO_DECAY_NAMES."""
+    return param.ndim > 1 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
+
+
+def decay_groups(named_params: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Two parameter groups: those that take `weight_decay` and those that take none (see
+    takes_weight_decay), in the order given; an empty group is left out."""
+    named = list(named_params)
+    groups = [{"params": [p for n, p in named if takes_weight_decay(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not takes_weight_decay(n, p)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
 def build_optimizer(
     name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
-    classic_momentum: bool = False, trust_coefficient: float = 0.001,
+    classic_momentum: bool = False, trust_coefficient: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """'sgd' (torch SGD with multi-tensor 'foreach' kernels, optionally Nesterov: SimCLR's and
-    BYOL's linear protocols) or 'lars'. `params` may be parameter groups (e.g. detection's,
-    without weight decay on normalisation layers); every script builds its optimizer here."""
+    BYOL's linear protocols), 'lars', or 'adamw' (moco-v3's ViT optimizer; `momentum` unused)
+    without weight decay on biases, norms, position embeddings and tokens (decay_groups).
+
+    `params`: tensors, parameter groups (e.g. detection's, without weight decay on normalisation
+    layers), or (name, tensor) pairs as `model.named_parameters()` gives them - adamw needs the
+    names for its no-decay set; given bare tensors it goes by their shape alone. Every script
+    builds its optimizer here.
+    """
+    params = list(params)
+    named = bool(params) and isinstance(params[0], tuple)
+    if name == "adamw":
+        if nesterov:
+            raise ValueError("--nesterov applies to --optimizer sgd only")
+        if not params or not isinstance(params[0], dict):
+            params = decay_groups(params if named else [(str(i), p) for i, p in enumerate(params)], weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+    if named:
+        params = [p for _, p in params]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                foreach=True)
@@ -124,7 +165,7 @@ def build_optimizer(
             raise ValueError("--nesterov applies to --optimizer sgd only")
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, classic_momentum=classic_momentum,
                     trust_coefficient=trust_coefficient)
-    raise ValueError(f"unknown optimizer '{name}'; valid: sgd, lars")
+    raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
 
 
 def cosine_lr(base_lr: float, epoch: float, epochs: float, warmup_epochs: float = 0.0) -> float:

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
+from .backbones import ARCHS, backbone_constructor, forward_features, get_head, head_name, rebuild_options, set_head
 from .checkpoint import extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 from .data import ImageDataset, fashion_mnist_root, fashion_mnist_splits, find_samples, find_unreadable, without_files
 from .distributed import DistInfo
-from .networks import ARCHS, backbone_constructor
-from .presets import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
+from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Pretrained:
     """A pretrained backbone as linear evaluation needs it."""
 
     path: str
-    weights: dict[str, torch.Tensor]  # torchvision ResNet names, no fc
+    weights: dict[str, torch.Tensor]  # the backbone family's names (torchvision's for a ResNet), no head
     arch: str
     small_stem: bool
     image_size: int | None  # the pretraining crop size when the checkpoint records it
@@ -80,13 +80,16 @@ class LinearProbe(nn.Module):
 
     The backbone stays in eval mode whatever `train()` asks, so BatchNorm normalises with the
     pretrained running statistics and never updates them - under the linear protocol no part
-    of the pretrained model may change, and BatchNorm statistics are part of it.
+    of the pretrained model may change, and BatchNorm statistics are part of it. `head_name` is
+    where the backbone's family keeps its classifier ("fc" for ResNets): the name `fc` has in
+    the classifier's checkpoint, so that it loads into the family's own network.
     """
 
-    def __init__(self, backbone: nn.Module, fc: nn.Linear, feature_bn: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, fc: nn.Linear, feature_bn: bool = False, head_name: str = "fc") -> None:
         super().__init__()
         self.backbone = backbone
         self.fc = fc
+        self.head_name = head_name
         self.norm = nn.BatchNorm1d(fc.in_features, affine=False) if feature_bn else nn.Identity()
         for p in self.backbone.parameters():
             p.requires_grad = False
@@ -100,7 +103,7 @@ class LinearProbe(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x H x W -> N x D, without building a graph through the frozen backbone."""
         with torch.no_grad():
-            return self.backbone(x)
+            return forward_features(self.backbone, x)
 
     @property
     def head(self) -> nn.Sequential:
@@ -110,40 +113,44 @@ class LinearProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(self.features(x)))  # N x num_classes
 
-    def resnet_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under torchvision ResNet names (conv1..., fc.weight), loadable into
-        torchvision.models.<arch>(num_classes=C); with feature_bn also `norm.running_mean`/`_var`
-        (the standardisation torchvision's ResNet lacks: load those with strict=False and apply
-        it before fc)."""
+    def classifier_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the backbone family's names with the classifier as its head (a ResNet's:
+        conv1..., fc.weight), loadable into torchvision.models.<arch>(num_classes=C); with
+        feature_bn also `norm.running_mean`/`_var` (the standardisation torchvision's ResNet
+        lacks: load those with strict=False and apply it before fc)."""
         state = dict(self.backbone.state_dict())
-        state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
+        state.update({f"{self.head_name}.{k}": v for k, v in self.fc.state_dict().items()})
         state.update({f"norm.{k}": v for k, v in self.norm.state_dict().items()})
         return state
 
-    def load_resnet_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.fc.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("fc.")})
+    def load_classifier_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what `classifier_state_dict` gave (strict: a key too many or missing is an error)."""
+        head = f"{self.head_name}."
+        self.fc.load_state_dict({k[len(head):]: v for k, v in state.items() if k.startswith(head)})
         self.norm.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("norm.")})
-        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(("fc.", "norm."))})
+        self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith((head, "norm."))})
 
 
 def build_probe(
     arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None,
     feature_bn: bool = False,
 ) -> LinearProbe:
-    """A torchvision ResNet with the pretrained `weights` (or random ones for a baseline), frozen,
-    and a new fc initialised N(0, 0.01) with zero bias (MoCo, SimCLR).
+    """`arch` with the pretrained `weights` (or random ones for a baseline), frozen, and a new
+    linear classifier initialised N(0, 0.01) with zero bias (MoCo, SimCLR) in its head's place.
 
     The weights must fill every backbone parameter and buffer: the only keys allowed to be
-    missing are fc.weight and fc.bias, anything else is a CheckpointError listing the keys.
+    missing are the head's (fc.weight and fc.bias), anything else is a CheckpointError listing
+    the keys.
     """
-    net = backbone_constructor(arch, small_stem)(num_classes=num_classes)
+    net = backbone_constructor(arch, small_stem, **(rebuild_options(arch, weights) if weights is not None else {}))(
+        num_classes=num_classes)
     if weights is not None:
         load_backbone(net, weights)
-    fc = net.fc
+    fc = get_head(net)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
-    net.fc = nn.Identity()
-    return LinearProbe(net, fc, feature_bn)
+    set_head(net, nn.Identity())
+    return LinearProbe(net, fc, feature_bn, head_name(net))
 
 
 def changed_backbone_keys(probe: LinearProbe, reference: Mapping[str, torch.Tensor]) -> list[str]:
@@ -165,7 +172,7 @@ def sanity_check(probe: LinearProbe, pretrained_path: str | os.PathLike) -> None
     if changed:
         raise SanityCheckError(
             f"{len(changed)} backbone entr{'y' if len(changed) == 1 else 'ies'} changed during linear classifier "
-            f"training (only fc may change): {changed[:8]}{' ...' if len(changed) > 8 else ''}. "
+            f"training (only the classifier may change): {changed[:8]}{' ...' if len(changed) > 8 else ''}. "
             "Was the backbone left trainable, or BatchNorm in train mode?"
         )
     logger.info("sanity check passed: the backbone equals %s", pretrained_path)

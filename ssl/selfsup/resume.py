@@ -1,5 +1,8 @@
-"""One resume path for the training scripts: what continues a run exactly, besides its model.
+"""What a run is and one resume path for the training scripts: what continues a run exactly,
+besides its model.
 
+A pretraining run is defined by its data and the hyperparameters that change its weights
+(`run_definition`); its folder refuses a command that defines another run (`check_same_run`).
 Pretraining, linear evaluation and detection write their checkpoints and pick them up again the
 same way. Each checkpoint holds the script's model and position, and this common part
 (`run_state`):
@@ -7,7 +10,7 @@ same way. Each checkpoint holds the script's model and position, and this common
     optimizer, scaler      the optimizer's state (momentum buffers), mixed precision's scale
     rng                    every process's generators, in rank order (selfsup.rng)
     world_size, num_threads, device_type
-                           what a bit-for-bit continuation needs to match (README, "When resume
+                           what a bit-for-bit continuation needs to match (docs/FAULT_TOLERANCE.md, "When resume
                            is bitwise"); a resume that differs says so (`warn_if_not_bitwise`)
     args                   the command line, as plain values
 
@@ -22,17 +25,75 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .cli import UsageError, plain_args
+from .checkpoint import CheckpointError, load_checkpoint, plain_args, save_atomic
+from .errors import UsageError
+from .methods import METHODS
+from .data import fashion_mnist_root
 from .distributed import DistInfo, broadcast_object
 from .rng import gather_rng_states, restore_rng_state
 
 logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run is
+# ----------------------------------------------------------------------------------------------
+
+# What defines a pretraining run, whatever its method: the data and every common hyperparameter
+# that changes the weights it trains; the method adds its own (Method.run_defining). A run folder
+# records them (run.json and every checkpoint); resuming with other values is refused unless asked
+# for (--accept-changes). --epochs is not among them: extending a run is allowed. Nor are what only
+# changes speed or reporting (workers, devices, print and save rates).
+RUN_DEFINING = ("data", "method", "arch", "small_stem", "image_size", "aug", "batch_size", "lr", "optimizer",
+                "momentum", "wd", "cos", "schedule", "warmup_epochs", "classic_momentum", "lars_eta", "sync_bn", "amp",
+                "seed")
+
+
+def run_keys(method: str | None) -> tuple[str, ...]:
+    """RUN_DEFINING and `method`'s own run-defining flags (none for a method this project lacks)."""
+    own = METHODS[method].run_defining if method in METHODS else ()
+    return RUN_DEFINING + tuple(k for k in own if k not in RUN_DEFINING)
+
+
+def run_definition(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of `run_keys(args["method"])` in `args` (a pretraining command's, or the plain
+    args a checkpoint saved). The data is what the files are (`data_id`,
+    selfsup.data.pipeline.files_id), not where they lie, so a copy on a job's local disk resumes the
+    same run; a record without a fingerprint compares the absolute path ('demo' for the embedded
+    demo)."""
+    out = {k: args.get(k) for k in run_keys(args.get("method"))}
+    if args.get("data_id"):
+        out["data"] = args["data_id"]
+    elif args.get("demo"):
+        out["data"] = "demo"
+    elif out["data"] is not None:
+        out["data"] = str((fashion_mnist_root(out["data"]) or Path(out["data"])).resolve())
+    return out
+
+
+def is_data_id(data: object) -> bool:
+    """Whether a recorded `data` is a fingerprint (selfsup.data.pipeline.files_id / arrays_id) rather
+    than a path or 'demo', which records without a fingerprint hold."""
+    return isinstance(data, str) and re.fullmatch(r"\d+ images, \d+ labels, (files|arrays) [0-9a-f]+", data) is not None
+
+
+def default_run_folder(method: str, arch: str, data: str | None) -> str:
+    """runs/<method>-<arch>-<name of the data folder> ('demo' for the embedded demo): a pretraining
+    run's folder when --output-dir is not given, so that another dataset gets another folder
+    instead of resuming the first one's run."""
+    name = "demo" if data is None else "fashion-mnist" if fashion_mnist_root(data) else Path(data).resolve().name
+    return str(Path("runs") / f"{method}-{arch}-{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What continues a run
+# ----------------------------------------------------------------------------------------------
 
 
 def run_state(optimizer: torch.optim.Optimizer, args: argparse.Namespace | dict, dist: DistInfo,
@@ -161,12 +222,13 @@ def _first_free_folder(folder: Path) -> Path:
 
 
 def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """An optimizer state dict of an older version, fitted to `optimizer`.
+    """An optimizer state dict fitted to `optimizer`, for checkpoints whose optimizer lists more
+    parameters than the model trains.
 
-    Before 2026-11-30 the key/target network's BatchNorm parameters under --bn-splits were left
-    trainable (they never received gradients), so the optimizer listed them after the trained
-    parameters, without any state. Dropping those trailing, stateless entries lets such a
-    checkpoint resume exactly; anything else is left for load_state_dict to judge.
+    Checkpoints of versions that left the key/target network's BatchNorm parameters trainable
+    under --bn-splits (they never received gradients) list them after the trained parameters,
+    without any state. Dropping those trailing, stateless entries lets such a checkpoint resume
+    exactly; anything else is left for load_state_dict to judge.
     """
     groups = saved.get("param_groups", [])
     if len(groups) != len(optimizer.param_groups):

@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .cli import INPUT_ERRORS, UsageError, default_workers, per_process_batch, report
+from .cli import default_workers, per_process_batch, report
+from .errors import INPUT_ERRORS, UsageError
 from .distributed import job_port, launch_env
 from .stopping import StopRequest
 

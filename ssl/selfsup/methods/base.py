@@ -12,13 +12,21 @@ from ..optim import cosine_momentum
 
 
 class Method(nn.Module):
-    """The protocol between a method and the engine, the builder and main_pretrain.py.
+    """The protocol between a method and the rest of the project: the engine, the builder, the
+    recipes, main_pretrain.py, main_lincls.py and the tools read only this.
 
-    A method owns:
+    A method owns, in its own module:
 
     * `name`, and `defaults`: its hyperparameters in main_pretrain.py's flag names - the layer of
-      the configuration between the common defaults and a preset (selfsup.recipes);
+      the configuration between the common defaults and a preset (selfsup.config);
     * `flag_options`: which flags are its constructor's options, and under which keyword;
+    * `presets`: its recipes for --preset (the papers' and `small-<name>`, the small-image one),
+      each with its `source` and `title`, and `reported` accuracies where a paper gives them;
+    * `demo`: its settings for the embedded demo, on top of selfsup.config.DEMO;
+    * `linear`: its published linear-evaluation protocol (main_lincls.py's optimisation flags,
+      `lr` or `lr_per_256`) and its `source`;
+    * `run_defining`: its flags that change the weights it trains - with the common ones
+      (selfsup.resume.RUN_DEFINING) what a run folder refuses to continue with other values;
     * its loss: `forward(x1, x2, return_loss=True)` returns the training loss, a scalar tensor.
       The engine calls it through DDP's wrapper, which must see the call that makes the loss.
       (`return_loss` exists for MoCo, whose plain forward keeps facebookresearch/moco's
@@ -28,15 +36,21 @@ class Method(nn.Module):
       reads for the collapse signal (selfsup.monitor);
     * `networks`: the submodules that --compile compiles (the method's own logic stays eager).
 
-    Every method keeps the network being trained (backbone + projection head) as `encoder_q`, so
-    `module.encoder_q.*` feeds linear evaluation and detection transfer the same way. Adding a
-    method: a subclass in this package, listed in `selfsup.methods.METHODS`, plus its recipe in
-    selfsup.recipes.
+    Every method keeps the network being trained (backbone + projection head) as `encoder_q`,
+    the head put in place through selfsup.backbones (`set_head`), so `module.encoder_q.*` feeds
+    linear evaluation and detection transfer the same way. Adding a method: its module in this
+    package and its line in `selfsup.methods.METHODS`; a registered method missing a piece is an
+    error at import (`protocol_problems`).
     """
 
+    # Placeholders: each method sets its own (protocol_problems names what one leaves unset).
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     flag_options: ClassVar[dict[str, str]] = {}  # main_pretrain flag -> constructor keyword
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    demo: ClassVar[dict[str, Any]] = {}
+    linear: ClassVar[dict[str, Any]] = {}
+    run_defining: ClassVar[tuple[str, ...]] = ()
     networks: ClassVar[tuple[str, ...]] = ("encoder_q",)  # what --compile compiles
 
     def __init__(self) -> None:
@@ -79,3 +93,57 @@ class MomentumMethod(Method):
     def _momentum_update_key_encoder(self) -> None:
         """encoder_k <- m * encoder_k + (1 - m) * encoder_q, parameter by parameter (not buffers)."""
         ema_update_(params_of(self.encoder_k), params_of(self.encoder_q), self.m)
+
+
+# What a method's linear protocol sets: main_lincls.py's optimisation flags (lr: or lr_per_256).
+LINEAR_KEYS = ("optimizer", "nesterov", "wd", "cos", "schedule", "epochs")
+
+
+def protocol_problems(cls: type[Method]) -> list[str]:
+    """What `cls` lacks of the protocol (empty when complete): each missing or malformed piece,
+    named, so that a method never borrows another one's recipe by omission. (Its momentum
+    schedule is a method: Method's returns None, right for a method without a momentum network;
+    tests/test_methods.py checks the schedule of every method that has one.)"""
+    problems = [f"no `{attr}`" for attr in ("name", "defaults", "flag_options", "presets", "demo", "linear",
+                                            "run_defining") if own(cls, attr) is None]
+    if cls.forward is Method.forward:
+        problems.append("no `forward` (its loss)")
+    presets = own(cls, "presets") or {}
+    if presets and f"small-{cls.name}" not in presets:
+        problems.append(f"no small-image preset `small-{cls.name}` among its presets {sorted(presets)}")
+    for preset, recipe in presets.items():
+        problems += [f"preset `{preset}` has no `{key}`" for key in ("title", "source") if not recipe.get(key)]
+    linear = own(cls, "linear")
+    if linear is not None:
+        missing = [key for key in LINEAR_KEYS if key not in linear]
+        missing += [] if ("lr" in linear or "lr_per_256" in linear) else ["lr or lr_per_256"]
+        missing += [] if linear.get("source") else ["source"]
+        if missing:
+            problems.append(f"`linear` (its linear-evaluation protocol) lacks {', '.join(missing)}")
+    if own(cls, "run_defining") is not None:
+        loose = sorted(set(cls.flag_options) - set(cls.run_defining) - {"batch_size"})
+        if loose:
+            problems.append(f"`run_defining` leaves out options that change the weights it trains: {loose}")
+    return problems
+
+
+def check_complete(methods: Mapping[str, type[Method]]) -> None:
+    """A TypeError naming every missing piece when a registered method is incomplete."""
+    for name, cls in methods.items():
+        problems = protocol_problems(cls)
+        if cls.name != name:
+            problems.insert(0, f"registered as '{name}' but named '{cls.name}'")
+        if problems:
+            raise TypeError(f"method '{name}' ({cls.__module__}.{cls.__qualname__}) is incomplete: "
+                            f"{'; '.join(problems)} (see selfsup.methods.base.Method)")
+
+
+def own(cls: type, attr: str) -> Any:
+    """`cls.attr` when `cls` (or a class between it and Method) sets it, else None: Method's
+    placeholders do not count as the method's own."""
+    for klass in cls.__mro__:
+        if klass is Method:
+            return None
+        if attr in vars(klass):
+            return vars(klass)[attr]
+    return None

@@ -14,8 +14,10 @@ from ..distributed import (
     concat_all_gather,
     get_world_size,
 )
+from ..config import SMALL_IMAGE
 from ..losses import at_least_fp32, full_precision
-from ..networks import convert_split_batchnorm, feature_dim
+from ..backbones import feature_dim, get_head, set_head
+from ..networks import convert_split_batchnorm
 from .base import MomentumMethod
 
 
@@ -62,6 +64,39 @@ class MoCo(MomentumMethod):
     flag_options = {"moco_dim": "dim", "moco_k": "K", "moco_m": "m", "moco_t": "T", "mlp": "mlp",
                     "moco_m_cos": "m_cos", "shuffle_bn": "shuffle_bn", "bn_splits": "bn_splits",
                     "batch_size": "global_batch_size"}
+    run_defining = ("moco_dim", "moco_k", "moco_m", "moco_t", "moco_m_cos", "mlp", "bn_splits", "shuffle_bn")
+    presets = {
+        "mocov1": {
+            "title": "MoCo v1", "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03,
+            "schedule": [120, 160], "wd": 1e-4, "moco_dim": 128, "moco_k": 65536, "moco_m": 0.999,
+            "moco_t": 0.07, "mlp": False, "aug": "moco_v1", "cos": False,
+            "source": "He et al. 2020 (arXiv:1911.05722) and facebookresearch/moco README",
+            "reported": "60.6% (paper), 60.8% (facebookresearch/moco), ResNet-50, 200 epochs",
+        },
+        "mocov2": {
+            "title": "MoCo v2", "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03,
+            "wd": 1e-4, "moco_dim": 128, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.2,
+            "mlp": True, "aug": "moco_v2", "cos": True,
+            "source": "Chen et al. 2020 (arXiv:2003.04297); moco --mlp --moco-t 0.2 --aug-plus --cos",
+            "reported": "67.5% (paper), 67.7% (facebookresearch/moco), ResNet-50, 200 epochs; 71.1% at 800 epochs",
+        },
+        # MoCo v2 for 60k small images and a few thousand steps; lr, K, m and T chosen by measurement.
+        "small-moco": {
+            **SMALL_IMAGE, "title": "MoCo v2", "lr_per_256": 0.06, "wd": 5e-4, "moco_dim": 128, "moco_k": 8192,
+            "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2", "bn_splits": 8,
+            "source": "MoCo v2 scaled to 60k images and a few thousand steps (lr, K, m, T chosen by measurement)",
+            "reported": "docs/RESULTS.md, Fashion-MNIST",
+        },
+    }
+    # The queue must stay well below the demo's 3,000 images, or it holds the positive's own older
+    # keys as negatives; one process needs the shuffle-BN emulation (bn_splits), else BatchNorm lets
+    # the keys be told apart by batch statistics. lr 0.06 without warmup drove the embeddings
+    # towards one point (std 0.004) on this data; these settings keep them spread.
+    demo = {"moco_k": 1024, "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "moco_v2", "bn_splits": 8,
+            "lr": 0.03, "warmup_epochs": 0.3}
+    # main_lincls.py's defaults are these, as facebookresearch/moco's.
+    linear = {"optimizer": "sgd", "lr": 30.0, "nesterov": False, "wd": 0.0, "cos": False, "schedule": [60, 80],
+              "epochs": 100, "source": "facebookresearch/moco's main_lincls.py (He et al. 2020, Sec. 4.1)"}
 
     def __init__(
         self,
@@ -94,8 +129,8 @@ class MoCo(MomentumMethod):
         self.encoder_k = base_encoder(num_classes=dim)
         if mlp:
             dim_mlp = feature_dim(self.encoder_q)
-            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+            for encoder in (self.encoder_q, self.encoder_k):  # the classifier becomes the MLP's last layer
+                set_head(encoder, nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), get_head(encoder)))
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             param_k.data.copy_(param_q.data)
             param_k.requires_grad = False  # updated by momentum, never by gradients

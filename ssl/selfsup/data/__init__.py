@@ -1,4 +1,13 @@
-"""Datasets: image folders (class folders or a flat folder), unreadable files, Fashion-MNIST."""
+"""The data path. This module: datasets - image folders (class folders or a flat folder),
+unreadable files, Fashion-MNIST - and the training loader. Its modules:
+
+    augmentations   the papers' augmentations (one spec for both pipelines), reference transforms
+    crops           crop geometry, decode-once worker crops
+    batch_augment   the batched colour half, on the training device
+    inmemory        small datasets held in memory
+    pipeline        how pretraining batches reach the model (the backends)
+    sampler         resumable distributed sampling, exact evaluation shards
+"""
 
 from __future__ import annotations
 
@@ -13,17 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .distributed import DistInfo, all_gather_objects
-from .presets import to_rgb
-from .rng import seeded
-from .stopping import ignore_stop_signals
+from ..distributed import DistInfo, all_gather_objects
+from ..rng import seeded
+from ..stopping import ignore_stop_signals
+from .augmentations import to_rgb
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # The small real dataset that ships with the repository (see data/fashion-mnist-demo/README.md).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # ssl/selfsup/data/__init__.py -> the clone
 DEMO_ROOT = REPO_ROOT / "data" / "fashion-mnist-demo"
 
 
@@ -146,7 +155,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _read(self, path: str, seed: int | None):
         """Decode one file; an error raised here marks the file unreadable. Subclasses that
-        decode inside their augmentation (selfsup.crops) override this."""
+        decode inside their augmentation (selfsup.data.crops) override this."""
         return self.loader(path)
 
 
@@ -196,7 +205,7 @@ def find_unreadable(samples: Sequence[tuple[str, int]], dist: DistInfo | None = 
                     workers: int = 0) -> list[tuple[str, str]]:
     """(path, reason) for every file of `samples` that cannot be decoded, on every process.
 
-    Each process decodes its block of the files (selfsup.sampler.shard_range), in `workers`
+    Each process decodes its block of the files (selfsup.data.sampler.shard_range), in `workers`
     loader workers, and the findings are gathered (a collective when distributed): --verify-images
     before pretraining, and the validation split before an evaluation starts."""
     from .sampler import shard_range

@@ -8,8 +8,8 @@ and flips (torchvision's distribution, seeded per sample by the sampler), decode
 reduced JPEG scale (DCT scaling, Pillow's `draft`) when both crops still get at least the
 output resolution from it - then crop, resize (antialiased bilinear, as Pillow) and flip each
 view and return it as a uint8 3 x S x S tensor. Colour, blur and normalisation follow batched
-(`selfsup.augment`): on the accelerator, or - on a CPU-only run - still in the worker, per batch
-(`selfsup.pipeline.TwoCropsBatches`).
+(`selfsup.data.batch_augment`): on the accelerator, or - on a CPU-only run - still in the worker, per batch
+(`selfsup.data.pipeline.TwoCropsBatches`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import ImageDataset
-from .presets import Preset, to_rgb
+from . import ImageDataset
+from .augmentations import Preset, to_rgb
 
 # JPEG's DCT scaling as Pillow exposes it: decode at 1/2, 1/4 or 1/8 of the size.
 DRAFT_FACTORS = (8, 4, 2)

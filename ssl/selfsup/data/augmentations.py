@@ -1,11 +1,13 @@
 """Per-image augmentations (PIL + torchvision) and the papers' augmentation presets.
 
 This is the reference pipeline, the one facebookresearch/moco runs: every image is decoded,
-augmented and normalised in a data-loading worker. `selfsup.augment` holds the fast path that
+augmented and normalised in a data-loading worker. `selfsup.data.batch_augment` holds the fast path that
 moves the colour half onto the accelerator; both draw from the same preset definitions below.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import random
 from dataclasses import dataclass, field
@@ -71,7 +73,7 @@ class ViewSpec:
     """The random augmentation of one view, as probabilities and ranges.
 
     One spec is the single source of truth for both pipelines: `to_torchvision` builds the
-    per-image reference transform, `selfsup.augment` the batched one.
+    per-image reference transform, `selfsup.data.batch_augment` the batched one.
     """
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -132,21 +134,27 @@ _BYOL_1 = ViewSpec(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p
 _BYOL_2 = ViewSpec(
     crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.1, solarize_p=0.2
 )
+# moco-v3's views are BYOL's (its main_moco.py says so), with its --crop-min; CONFIG.md's ResNet
+# recipes set it to 0.2, its ViT recipes keep the default 0.08 (then the views equal "byol").
+_MOCOV3_RESNET_1 = dataclasses.replace(_BYOL_1, crop_scale=(0.2, 1.0))
+_MOCOV3_RESNET_2 = dataclasses.replace(_BYOL_2, crop_scale=(0.2, 1.0))
 _SIMCLR = ViewSpec(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
 
-PRESETS: dict[str, Preset] = {
+AUGMENTATIONS: dict[str, Preset] = {
     "moco_v1": Preset("moco_v1", _MOCO_V1, _MOCO_V1, "MoCo v1, facebookresearch/moco main_moco.py (default)"),
     "moco_v2": Preset("moco_v2", _MOCO_V2, _MOCO_V2, "MoCo v2, arXiv:2003.04297; moco --aug-plus"),
     "byol": Preset("byol", _BYOL_1, _BYOL_2, "BYOL, arXiv:2006.07733, Table 6 (asymmetric views)"),
     "simclr": Preset("simclr", _SIMCLR, _SIMCLR, "SimCLR, arXiv:2002.05709, Appendix A (strength s=1)"),
+    "mocov3_resnet": Preset("mocov3_resnet", _MOCOV3_RESNET_1, _MOCOV3_RESNET_2,
+                            "moco-v3 CONFIG.md's ResNet-50 views: BYOL's with --crop-min=.2"),
 }
 
 
 def get_preset(name: str, image_size: int = 224) -> Preset:
     """The augmentation recipe `name` (moco_v1, moco_v2, byol, simclr) at `image_size`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown augmentation preset '{name}'; valid: {', '.join(PRESETS)}")
-    return PRESETS[name].for_image_size(image_size)
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation preset '{name}'; valid: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name].for_image_size(image_size)
 
 
 def build_two_crops_transform(

@@ -7,10 +7,10 @@ takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
 
 * reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
   `views` only copies.
-* batched: the workers decode once and cut both crops as uint8 (selfsup.crops); colour, blur,
-  solarize and normalisation run batched (selfsup.augment) on the accelerator - or, on a
+* batched: the workers decode once and cut both crops as uint8 (selfsup.data.crops); colour, blur,
+  solarize and normalisation run batched (selfsup.data.batch_augment) on the accelerator - or, on a
   CPU-only run, in the workers too, so that they overlap with the training step.
-* memory: the whole dataset is one uint8 tensor (selfsup.inmemory); everything, crops
+* memory: the whole dataset is one uint8 tensor (selfsup.data.inmemory); everything, crops
   included, runs batched on the device - or, on a CPU-only run with workers, in the workers.
 * auto: memory for small images (<= 64 pixels, as the small-image recipes) that fit in memory,
   otherwise batched.
@@ -32,19 +32,19 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .augment import TwoViewAugment
+from ..distributed import DistInfo
+from ..rng import augment_generator
+from . import (FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist_root, find_samples, load_fashion_mnist,
+               training_loader)
+from .augmentations import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
+from .batch_augment import TwoViewAugment
 from .crops import TwoCropsDataset, host_to
-from .data import (FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist_root, find_samples, load_fashion_mnist,
-                   training_loader)
-from .distributed import DistInfo
 from .inmemory import IndexBatchLoader, InMemoryImages
-from .presets import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
-from .rng import augment_generator
 from .sampler import ResumableDistributedSampler, StepBatchSampler
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "batched", "memory", "reference")
+AUG_BACKENDS = ("auto", "batched", "memory", "reference")
 # "auto" holds a folder in memory when its images are at most SMALL_IMAGE_MAX pixels and take
 # at most this many bytes.
 AUTO_MEMORY_MAX_BYTES = 2 << 30
@@ -59,7 +59,7 @@ class Pipeline:
     description: str
     backend: str = "reference"
     # What the data is, independent of where it lies: a fingerprint of the files (relative paths
-    # and labels) or of the arrays - part of what defines a run (selfsup.recipes.run_definition).
+    # and labels) or of the arrays - part of what defines a run (selfsup.resume.run_definition).
     data_id: str = ""
 
 
@@ -173,11 +173,11 @@ def build_pretrain_pipeline(
 ) -> Pipeline:
     """The pretraining data path over the images of `data_dir` (class folders or flat).
 
-    `batch_size` is the per-process batch; `backend` one of BACKENDS; `out_dtype` the dtype of
+    `batch_size` is the per-process batch; `backend` one of AUG_BACKENDS; `out_dtype` the dtype of
     the views the batched and memory backends return (e.g. torch.bfloat16 under bf16 autocast).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    if backend not in AUG_BACKENDS:
+        raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(AUG_BACKENDS)}")
     fmnist = fashion_mnist_root(data_dir)
     if fmnist is not None:  # idx files: held in memory whatever the backend
         x, y = load_fashion_mnist(fmnist, "train")

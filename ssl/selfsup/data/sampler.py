@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .distributed import get_rank, get_world_size
-from .rng import mix_seed
+from ..distributed import get_rank, get_world_size
+from ..rng import mix_seed
 
 
 class ResumableDistributedSampler(Sampler):

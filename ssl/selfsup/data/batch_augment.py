@@ -1,17 +1,17 @@
 """The device half of the split loader: batched augmentation with per-sample random parameters.
 
-The reference pipeline (`selfsup.presets`) does everything per image in the loading workers,
+The reference pipeline (`selfsup.data.augmentations`) does everything per image in the loading workers,
 as facebookresearch/moco does. The batched backend splits that work in two:
 
-* the workers (`selfsup.crops`) decode each image once, cut both random resized crops from it,
+* the workers (`selfsup.data.crops`) decode each image once, cut both random resized crops from it,
   flip them and hand over uint8 views - 4x fewer bytes to copy than float32;
 * this module turns a batch of such views into the model's input on the training device:
   ColorJitter (brightness, contrast, saturation and an exact HSV hue shift, in a random order
   per sample), grayscale, Gaussian blur, solarize and normalisation, in the requested dtype and
   memory format.
 
-For small datasets held in memory (`selfsup.inmemory`) the crop and flip run batched on the
-device too (`TwoViewAugment.forward_from_images`, with selfsup.crops's batched geometry), so
+For small datasets held in memory (`selfsup.data.inmemory`) the crop and flip run batched on the
+device too (`TwoViewAugment.forward_from_images`, with selfsup.data.crops's batched geometry), so
 nothing per image is left on the CPU.
 
 Every operation reproduces the tensor formulas of torchvision's `transforms.functional`
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .augmentations import IMAGENET_MEAN, IMAGENET_STD, Preset, ViewSpec
 from .crops import host_to, resized_crop, sample_crop_boxes, to_unit_float
-from .presets import IMAGENET_MEAN, IMAGENET_STD, Preset, ViewSpec
 
 # torchvision's rgb_to_grayscale on tensors (ITU-R 601-2 luma, as Pillow's "L" conversion up to
 # Pillow's 16-bit fixed point: 0.299, 0.587, 0.114).

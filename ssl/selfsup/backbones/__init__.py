@@ -1,0 +1,161 @@
+"""Backbones behind one small interface: nothing outside this package reaches into a network's
+layers, so a new family of networks (a Vision Transformer) serves the methods, the evaluations,
+the checkpoints and the detection converter without touching them.
+
+    build_backbone(arch, num_classes, small_stem=False, **kwargs) -> nn.Module
+    feature_dim(net) -> int               width of the features the head receives
+    head_name(net) -> str                 the head's attribute: "fc" for ResNets ("head" for a ViT)
+    get_head(net) -> nn.Module            the classifier, or the projection head a method put there
+    set_head(net, module) -> None         replace it (nn.Identity() removes it)
+    forward_features(net, x) -> Tensor    N x feature_dim, the head left out
+
+A family is one module of this package, registered in FAMILIES. It provides:
+
+    ARCHS                      the names `build_backbone` takes
+    TITLE                      how messages name the family ("ResNet")
+    HEAD                       the head's attribute name (dotted for a nested one: "heads.head")
+    MARKER                     a state-dict key every network of the family has, e.g.
+                               "conv1.weight": how a checkpoint's backbone is found and named
+    build(arch, num_classes, small_stem=False, **kwargs) -> nn.Module
+    owns(net) -> bool          whether `net` belongs to the family
+    feature_dim(net) -> int
+    forward_features(net, x) -> Tensor
+    describe(weights) -> dict  what the weights say about how to rebuild the net (e.g. small_stem)
+    rebuild_options(weights) -> dict   constructor keywords that rebuild the net from its weights
+    flag_options(flags) -> dict        constructor keywords from main_pretrain.py's flags
+and optionally FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
+family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from . import resnet, vit
+
+# name -> family module; a new family: its module and one line here.
+FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "vit": vit}
+
+# Every architecture any family builds (the choices of -a).
+ARCHS: tuple[str, ...] = tuple(arch for family in FAMILIES.values() for arch in family.ARCHS)
+
+
+def family_of_arch(arch: str) -> ModuleType:
+    """The family that builds `arch`; a ValueError listing the valid names otherwise."""
+    for family in FAMILIES.values():
+        if arch in family.ARCHS:
+            return family
+    raise ValueError(f"unknown arch '{arch}'; valid: {', '.join(ARCHS)}")
+
+
+def family_of(net: nn.Module) -> ModuleType:
+    """The family `net` belongs to; a TypeError naming the families otherwise."""
+    for family in FAMILIES.values():
+        if family.owns(net):
+            return family
+    raise TypeError(
+        f"{type(net).__name__} belongs to no backbone family ({', '.join(FAMILIES)}): a base_encoder must build "
+        "a torchvision-style ResNet whose head is `fc`, or a network of another family in selfsup.backbones"
+    )
+
+
+def build_backbone(arch: str, num_classes: int, small_stem: bool = False, **kwargs: Any) -> nn.Module:
+    """A randomly initialised `arch` whose head outputs `num_classes` values. `small_stem`: the
+    small-image variant (ResNets: a 3x3 stride-1 first convolution, no max-pool)."""
+    return family_of_arch(arch).build(arch, num_classes, small_stem, **kwargs)
+
+
+def backbone_constructor(arch: str, small_stem: bool = False, **kwargs: Any) -> Callable[..., nn.Module]:
+    """A torchvision-style constructor `f(num_classes) -> nn.Module` for `arch` (what the methods
+    take as `base_encoder`); an unknown `arch` is a ValueError here, not at the first call."""
+    family_of_arch(arch)
+    return partial(build_backbone, arch, small_stem=small_stem, **kwargs)
+
+
+def feature_dim(net: nn.Module) -> int:
+    """Width of the features `net` hands its head."""
+    return family_of(net).feature_dim(net)
+
+
+def head_name(net: nn.Module) -> str:
+    """The attribute (and state-dict prefix) of `net`'s head: "fc" for ResNets."""
+    return family_of(net).HEAD
+
+
+def _parent(net: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *outer, last = path.split(".")
+    for name in outer:
+        net = getattr(net, name)
+    return net, last
+
+
+def get_head(net: nn.Module) -> nn.Module:
+    """`net`'s head: its classifier, or the projection head a method put in its place."""
+    parent, name = _parent(net, head_name(net))
+    return getattr(parent, name)
+
+
+def set_head(net: nn.Module, module: nn.Module) -> None:
+    """Replace `net`'s head by `module` (nn.Identity() removes it: `net(x)` then gives features)."""
+    parent, name = _parent(net, head_name(net))
+    setattr(parent, name, module)
+
+
+def forward_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x: N x 3 x H x W -> N x feature_dim(net): `net` without its head, whatever the head is."""
+    return family_of(net).forward_features(net, x)
+
+
+class Features(nn.Module):
+    """`net` seen without its head, as a module (`extract_features` takes one); it shares `net`'s
+    weights and takes its train/eval mode, so an evaluation during training sees the live
+    network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.train(net.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_features(self.net, x)  # N x D
+
+
+def rebuild_options(arch: str, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor keywords beyond small_stem that rebuild `arch` from its `weights` (a ViT's image size)."""
+    return family_of_arch(arch).rebuild_options(weights)
+
+
+def flag_options(arch: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor keywords of `arch` that main_pretrain.py's `flags` give (a ViT's image
+    size and --stop-grad-conv1; nothing for a ResNet)."""
+    return family_of_arch(arch).flag_options(flags)
+
+
+def translate_foreign(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> Mapping[str, Any]:
+    """`state` with a backbone saved under another library's names (moco-v3's timm ViTs) renamed
+    to its family's; unchanged otherwise."""
+    for prefix in prefixes:
+        for family in FAMILIES.values():
+            marker = getattr(family, "FOREIGN_MARKER", None)
+            if marker and f"{prefix}{marker}" in state and f"{prefix}{family.MARKER}" not in state:
+                return family.from_timm_names(state, prefix)
+    return state
+
+
+def find_in_state(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> tuple[str, ModuleType] | None:
+    """The first of `prefixes` under which `state` (model weights) holds a backbone of some family,
+    and that family (each family's MARKER key tells); None when there is none."""
+    for prefix in prefixes:
+        for family in FAMILIES.values():
+            if f"{prefix}{family.MARKER}" in state:
+                return prefix, family
+    return None
+
+
+__all__ = ["ARCHS", "FAMILIES", "Features", "backbone_constructor", "build_backbone", "family_of", "family_of_arch",
+           "feature_dim", "find_in_state", "flag_options", "rebuild_options", "translate_foreign", "forward_features", "get_head", "head_name", "set_head"]

@@ -1,0 +1,76 @@
+"""How a pretraining configuration is made: four layers, each overriding the ones before it.
+
+    COMMON            the values every method starts from (facebookresearch/moco's defaults)
+    Method.defaults   the method's own hyperparameters (selfsup.methods)
+    the recipe        a preset (`--preset`, Method.presets), or the demo (DEMO, then Method.demo)
+    flags             what the command line gives explicitly
+
+Everything here is in main_pretrain.py's flag names. The recipes themselves live with their
+methods; selfsup.recipes gathers them into the tables the scripts read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+# Used whatever the method, unless something above overrides them (facebookresearch/moco's defaults).
+COMMON: dict[str, Any] = {
+    "arch": "resnet50",
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.03,
+    "schedule": [120, 160],
+    "momentum": 0.9,
+    "wd": 1e-4,
+    "optimizer": "sgd",
+    "warmup_epochs": 0.0,
+    "cos": False,
+    "image_size": 224,
+    "small_stem": False,
+    "stop_grad_conv1": False,  # ViTs: a frozen random patch projection (moco-v3)
+    "bn_splits": 1,
+    "sync_bn": False,
+    "classic_momentum": False,
+    "lars_eta": 0.001,  # LARS's trust coefficient: BYOL's and SimCLR's (and their ImageNet recipes')
+    "knn_every": 0,
+}
+
+# What every small-image preset (`small-<method>`: 28-32 px, Fashion-MNIST or CIFAR, a few epochs)
+# starts from: ResNet-18 with the standard stem at 32 px (the small stem costs about 8x the
+# compute), half an epoch of warmup and a cosine decay over the planned epochs.
+SMALL_IMAGE: dict[str, Any] = {"arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 10,
+                               "batch_size": 128, "cos": True, "warmup_epochs": 0.5}
+
+# `python main_pretrain.py` without a data argument: the embedded Fashion-MNIST demo, sized to
+# finish on a laptop CPU in a couple of minutes; each method adds its own (Method.demo). The
+# standard (ImageNet) stem keeps a ResNet-18 step at 32 px about 8x cheaper than the small stem
+# on a CPU; the demo is about seeing the whole pipeline run, not the best accuracy.
+DEMO: dict[str, Any] = {
+    "arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 3, "batch_size": 128,
+    "lr": 0.06, "cos": True, "wd": 5e-4, "workers": 1, "knn_every": 1,
+}
+
+# Keys of a recipe that document it rather than configure it. `lr_per_256`: lr = lr_per_256 x
+# batch_size / 256 unless --lr is given (the papers' linear scaling rule).
+INFO_KEYS = ("title", "source", "reported", "lr_per_256")
+
+
+def merge(method: type[Method], recipe: Mapping[str, Any] | None, demo: bool,
+          explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration of `method` from the layers, lowest first: COMMON, the method's
+    defaults, the demo's settings (when `demo`) and then the recipe (a preset, or None), and the
+    flags in `explicit` (only those the user set)."""
+    recipe = recipe or {}
+    cfg: dict[str, Any] = {**COMMON, **method.defaults}
+    if demo:
+        cfg.update(DEMO)
+        cfg.update(method.demo)
+    cfg.update({k: v for k, v in recipe.items() if k not in INFO_KEYS})
+    cfg.update(explicit)
+    cfg["method"] = method.name
+    if "lr" not in explicit and "lr_per_256" in recipe:
+        cfg["lr"] = recipe["lr_per_256"] * cfg["batch_size"] / 256
+    return cfg
