@@ -159,7 +159,7 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
         for key in PROTOCOL_FLAGS:
             if getattr(args, key) is None and (ckpt.get("args") or {}).get(key) is not None:
                 setattr(args, key, ckpt["args"][key])
-    args.protocol = linear_protocol(args, pretrained.method if pretrained else None)
+    args.protocol = linear_protocol(args, pretrained.method if pretrained else None, pretrained.arch if pretrained else None)
     check_numbers(args, positive=("epochs", "batch_size", "lr", "image_size"),
                   non_negative=("workers", "wd", "momentum", "schedule", "print_freq"))
     # The backbone's description: the pretrained checkpoint's, else the classifier's (-e --resume

@@ -34,6 +34,7 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "moco": {"K": 32, "mlp": True},
     "byol": {"hidden_dim": 32},
     "simclr": {"hidden_dim": 32},
+    "mocov3": {"mlp_dim": 32, "T": 0.2},
 }
 
 

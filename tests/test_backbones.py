@@ -43,7 +43,7 @@ def test_the_small_stem_and_unknown_names():
     assert infer_arch_info({"state_dict": net.state_dict()})["small_stem"] is True
     with pytest.raises(ValueError, match="unknown arch 'vgg16'; valid: resnet18"):
         backbone_constructor("vgg16")
-    assert ARCHS == backbones.resnet.ARCHS  # one family today: the choices of -a are its names
+    assert ARCHS == backbones.resnet.ARCHS + backbones.vit.ARCHS  # the choices of -a: every family's names
     with pytest.raises(TypeError, match="belongs to no backbone family"):
         feature_dim(nn.Conv2d(3, 3, 1))
 

@@ -151,5 +151,5 @@ def test_cli_unreadable_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     torch.save({"state_dict": {"module.encoder_q.stem.weight": torch.ones(1)}}, tmp_path / "odd.pth")
     assert main([str(tmp_path / "odd.pth"), str(tmp_path / "x.pkl")]) == 2
-    assert "no ResNet backbone" in capsys.readouterr().err
+    assert "no ResNet or Vision Transformer backbone" in capsys.readouterr().err
     assert not (tmp_path / "x.pkl").exists()

@@ -191,7 +191,7 @@ def _not_a_checkpoint(tmp_path, data, ckpt):
 
 def _no_backbone(tmp_path, data, ckpt):
     torch.save({"epoch": 3, "state_dict": {"weight": torch.zeros(2)}}, tmp_path / "other.pth.tar")
-    return [data, "--pretrained", tmp_path / "other.pth.tar"], "no ResNet backbone found"
+    return [data, "--pretrained", tmp_path / "other.pth.tar"], "no ResNet or Vision Transformer backbone found"
 
 
 def _classes_differ(tmp_path, data, ckpt):

@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import COMMON, DEMO, INFO_KEYS, merge
 from .errors import UsageError
+from .backbones import FAMILIES
 from .methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -85,16 +86,19 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
 PROTOCOL_FLAGS = ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epochs")
 
 
-def linear_protocol(args: argparse.Namespace, method: str | None) -> str:
+def linear_protocol(args: argparse.Namespace, method: str | None, arch: str | None = None) -> str:
     """Fill main_lincls.py's unset optimisation flags in place from the protocol of the
     checkpoint's `method` (MoCo's, the script's defaults as facebookresearch/moco's, when none is
-    recorded). Each flag given on the command line wins on its own; the others keep the protocol's.
+    recorded), for the family of `arch` where the protocol differs by backbone family. Each flag given on the command line wins on its own; the others keep the protocol's.
     A recorded method this project does not know is a UsageError unless every flag is given.
     Returns a line saying what was chosen and why, for the log."""
     given = [key for key in PROTOCOL_FLAGS if getattr(args, key) is not None]  # by the command line or the run resumed
     if method is None or method in LINEAR:
         name = method or DEFAULT_METHOD
         protocol = LINEAR[name]
+        if arch is not None:  # a protocol per backbone family (moco-v3: ResNets and ViTs)
+            family = next(key for key, module in FAMILIES.items() if arch in module.ARCHS)
+            protocol = {**protocol, **protocol.get("by_family", {}).get(family, {})}
         why = (f"{name}'s protocol, from {protocol['source']}" if method
                else "MoCo's protocol (the checkpoint records no method)")
     elif len(given) < len(PROTOCOL_FLAGS):

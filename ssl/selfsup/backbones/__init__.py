@@ -21,9 +21,9 @@ A family is one module of this package, registered in FAMILIES. It provides:
     feature_dim(net) -> int
     forward_features(net, x) -> Tensor
     describe(weights) -> dict  what the weights say about how to rebuild the net (e.g. small_stem)
-    rebuild_options(weights) -> dict   constructor keywords that rebuild the net from its weights
-    flag_options(flags) -> dict        constructor keywords from main_pretrain.py's flags
-and optionally FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
+and optionally rebuild_options(weights) -> dict (constructor keywords that rebuild the net from
+its weights), flag_options(flags) -> dict (constructor keywords from main_pretrain.py's flags),
+FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
 family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them.
 """
 
@@ -127,13 +127,15 @@ class Features(nn.Module):
 
 def rebuild_options(arch: str, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Constructor keywords beyond small_stem that rebuild `arch` from its `weights` (a ViT's image size)."""
-    return family_of_arch(arch).rebuild_options(weights)
+    hook = getattr(family_of_arch(arch), "rebuild_options", None)
+    return hook(weights) if hook else {}
 
 
 def flag_options(arch: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor keywords of `arch` that main_pretrain.py's `flags` give (a ViT's image
     size and --stop-grad-conv1; nothing for a ResNet)."""
-    return family_of_arch(arch).flag_options(flags)
+    hook = getattr(family_of_arch(arch), "flag_options", None)
+    return hook(flags) if hook else {}
 
 
 def translate_foreign(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> Mapping[str, Any]:

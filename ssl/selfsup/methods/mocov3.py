@@ -13,7 +13,7 @@ from ..backbones import feature_dim, set_head
 from ..backbones import vit as vit_family
 from ..config import SMALL_IMAGE
 from ..losses import global_keys_infonce
-from ..networks import build_mlp, freeze
+from ..networks import build_mlp, convert_split_batchnorm, freeze
 from .base import MomentumMethod
 
 
@@ -33,6 +33,7 @@ class MoCoV3(MomentumMethod):
     ViT only. `forward(x1, x2)` returns ctr(q1, k2) + ctr(q2, k1), each a cross-entropy of the
     queries against the keys of all processes scaled by 2T (losses.global_keys_infonce). The
     momentum rises from `m` to 1 along a cosine over training with `m_cos` (moco-v3's --moco-m-cos).
+    `bn_splits` > 1 normalises both encoders' BatchNorm2d layers over that many sub-batches.
     """
 
     name = "mocov3"
@@ -40,8 +41,9 @@ class MoCoV3(MomentumMethod):
     defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.99, "moco_t": 1.0, "moco_m_cos": True,
                 "aug": "mocov3_resnet"}
     networks = ("encoder_q", "encoder_k", "predictor")
-    flag_options = {"moco_dim": "dim", "mlp_dim": "mlp_dim", "moco_m": "m", "moco_t": "T", "moco_m_cos": "m_cos"}
-    run_defining = ("moco_dim", "mlp_dim", "moco_m", "moco_t", "moco_m_cos", "stop_grad_conv1")
+    flag_options = {"moco_dim": "dim", "mlp_dim": "mlp_dim", "moco_m": "m", "moco_t": "T", "moco_m_cos": "m_cos",
+                    "bn_splits": "bn_splits"}
+    run_defining = ("moco_dim", "mlp_dim", "moco_m", "moco_t", "moco_m_cos", "bn_splits", "stop_grad_conv1")
     _RESNET = {"arch": "resnet50", "batch_size": 4096, "optimizer": "lars", "lr_per_256": 0.6, "wd": 1e-6,
                "warmup_epochs": 10, "cos": True, "moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.99,
                "moco_m_cos": True, "moco_t": 1.0, "aug": "mocov3_resnet", "sync_bn": True}
@@ -112,6 +114,7 @@ class MoCoV3(MomentumMethod):
         T: float = 1.0,
         *,
         m_cos: bool = True,
+        bn_splits: int = 1,
     ) -> None:
         super().__init__(m, m_cos)
         self.T = T
@@ -122,6 +125,9 @@ class MoCoV3(MomentumMethod):
         self.predictor = build_mlp(2, dim, mlp_dim, dim, last_norm="bn" if is_vit else None, last_bias=False)
         self.encoder_k = copy.deepcopy(self.encoder_q)  # the same initial weights, as moco-v3 copies them
         freeze(self.encoder_k)
+        # One process emulating per-device BatchNorm (bn_splits devices), as BYOL's and MoCo's do.
+        convert_split_batchnorm(self.encoder_q, bn_splits)
+        convert_split_batchnorm(self.encoder_k, bn_splits)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
         """x1, x2: N x 3 x H x W, two views. Returns the loss (whatever `return_loss` says)."""
