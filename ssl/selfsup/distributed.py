@@ -241,7 +241,6 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
                             f"SLURM_LOCALID), rendezvous tcp://{master_addr}:{master_port} ({where[0]}, {where[1]})")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Setting up a process: device and process group
 # ----------------------------------------------------------------------------------------------
@@ -357,8 +356,8 @@ def init_distributed(device: str | None = None, backend: str = "auto", gpu: int 
     timeout = datetime.timedelta(minutes=timeout_minutes)
     kwargs = {"device_id": dev} if name == "nccl" else {}  # binds NCCL to this GPU, avoids a guess in barrier()
     if env.master_addr is not None:
-        # torchrun's env:// connects to the store its agent already serves; under srun task 0
-        # serves one at the address derived from SLURM's variables.
+        # env:// reads MASTER_ADDR/MASTER_PORT (under torchrun its agent serves that store already);
+        # under srun, task 0 serves one at the address derived from SLURM's variables.
         url = "env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
         store, rank, world_size = next(dist.rendezvous(url, rank=rank, world_size=world_size, timeout=timeout))
         # torchrun shares its rendezvous store with the workers, so after a --max-restarts restart
