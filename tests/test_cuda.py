@@ -194,13 +194,14 @@ def test_mixed_precision_steps_stay_finite_and_close_to_fp32(method, amp):
     torch.manual_seed(0)
     model = build_model(method, "resnet18", dim=32, **TINY_OPTIONS[method]).to(DEVICE)
     x1, x2 = torch.randn(2, 16, 3, 32, 32, device=DEVICE)
-    losses = {}
+    losses, cosines = {}, {}
     for precision in ("fp32", amp):
         m = copy.deepcopy(model)
         with torch.autocast(DEVICE.type, dtype=dtype, enabled=precision != "fp32"):
             out = m(x1, x2)
             if method == "moco":
                 assert out[0].dtype == torch.float32  # the contrastive logits stay float32 under autocast
+                cosines[precision] = out[0] * m.T  # N x (1 + K)
             loss = out if method != "moco" else F.cross_entropy(*out)
         scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -209,7 +210,13 @@ def test_mixed_precision_steps_stay_finite_and_close_to_fp32(method, amp):
         scaler.update()
         assert all(torch.isfinite(p).all() for p in m.parameters())
         losses[precision] = loss.item()
-    assert abs(losses[amp] - losses["fp32"]) < 0.03 * abs(losses["fp32"]) + 0.01, losses
+    if method == "moco":
+        # MoCo's loss at T = 0.07 magnifies the features' rounding 14 times (with CPUs' native bf16
+        # kernels, AMX, the loss moved 2-7%): its similarities are compared instead. Measured there:
+        # 0.006-0.007 mean absolute difference over 5 seeds.
+        assert (cosines[amp] - cosines["fp32"]).abs().mean() < 0.02, losses
+    else:
+        assert abs(losses[amp] - losses["fp32"]) < 0.03 * abs(losses["fp32"]) + 0.01, losses
 
 
 def test_channels_last_gives_the_same_step():
