@@ -61,10 +61,13 @@ def load(path):
 
 def assert_bitwise_equal(a, b):
     assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), f"{k} differs"
-    for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, state in a["optimizer"]["state"].items():  # SGD's momentum buffers, AdamW's moments and step
+        for name, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][k][name])), (k, name)
 
 
 def inject(fault: str, args: list[str], **env) -> subprocess.CompletedProcess:
@@ -86,6 +89,28 @@ def test_kill_and_resume_is_bitwise_identical_one_process(folder, tmp_path, refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "epoch 1, step 1 (global step 4)" in resumed.stdout
     assert_bitwise_equal(reference_1proc, load(out / "checkpoint.pth.tar"))
+
+
+def test_mocov3_with_adamw_kill_and_resume_is_bitwise_identical(folder, tmp_path):
+    # MoCo v3's own state: the momentum encoder, its cosine momentum (a function of the global step),
+    # the predictor, AdamW's moments and step counts; --no-moco-m-cos would hide a schedule restarted
+    # from 0, so it stays on.
+    run = [str(folder), "--method", "mocov3", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2",
+           "--moco-dim", "16", "--mlp-dim", "32", "--moco-t", "0.2", "--moco-m", "0.9", "--moco-m-cos",
+           "--optimizer", "adamw", "--lr", "1e-3", "--wd", "0.1", "--aug", "byol", "-p", "1", "--seed", "5"]
+    ref = tmp_path / "ref"
+    r = run_script(["main_pretrain.py", *run, "-j", "0", "--output-dir", str(ref)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "run"
+    args = [*run, "-j", "0", "--save-every-steps", "2", "--output-dir", str(out)]
+    assert inject("kill:5", args).returncode == 137
+    assert load(out / "checkpoint.pth.tar")["global_step"] == 4
+    resumed = run_script(["main_pretrain.py", *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = load(ref / "checkpoint.pth.tar")
+    assert any(k.startswith("module.predictor.") for k in reference["state_dict"])
+    assert any("exp_avg" in s for s in reference["optimizer"]["state"].values())
+    assert_bitwise_equal(reference, load(out / "checkpoint.pth.tar"))
 
 
 def test_save_every_epochs_writes_the_checkpoint_that_often_and_after_the_last(folder, tmp_path):
