@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes  # noqa: E402
+from selfsup.backbones import flag_options as backbone_flag_options  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist  # noqa: E402
 from selfsup.data.augmentations import build_two_crops_transform, get_preset  # noqa: E402
@@ -266,18 +267,24 @@ def memory_aug(report: Report, images: np.ndarray, name: str, aug: str, size: in
 
 
 def train_step(report: Report, method: str, arch: str, size: int, batch: int, device: torch.device,
-               precisions: list[str], steps: int, small_stem: bool = False) -> None:
-    """(c) images/s of one optimizer step with synthetic input, per precision, vs fp32; the method
-    with its small-image preset's options (heads, queue, momentum) at this batch."""
-    cfg = recipes.resolve(method, recipes.small_preset(method), False, {"batch_size": batch})
+               precisions: list[str], steps: int, small_stem: bool = False, preset: str | None = None,
+               versus: tuple[str, float] | None = None) -> dict[str, float]:
+    """(c) images/s of one optimizer step with synthetic input, per precision, vs fp32 (or vs
+    `versus`, a (name, img/s) row of another step); the method with the options (heads, queue,
+    momentum, a ViT's stop-grad conv1) of `preset`, by default its small-image one, at this batch.
+    The optimizer is SGD whatever the preset's: its update is a small part of these steps."""
+    cfg = recipes.resolve(method, preset or recipes.small_preset(method), False,
+                          {"batch_size": batch, "arch": arch, "image_size": size})
     options = METHODS[method].options(cfg)
+    backbone_options = backbone_flag_options(arch, cfg)
     x = torch.randn(2, batch, 3, size, size, device=device)
     rates = {}
     for prec in precisions:
         amp = "bf16" if "bf16" in prec else "none"
         cl = "channels_last" in prec
         torch.manual_seed(0)
-        model = build_model(method, arch, small_stem=small_stem, **options).to(device)
+        model = build_model(method, arch, small_stem=small_stem, backbone_options=backbone_options,
+                            **options).to(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.01, 0.9, 1e-4)
@@ -303,8 +310,21 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
             times.append(time.perf_counter() - t0)
         rates[prec] = batch / statistics.median(times)
     for prec in precisions:
-        report.add("c", f"step {method} {arch} {size}px b{batch} {prec} on {device.type}", rates[prec],
-                   rates.get("fp32"), "fp32")
+        ref_name, ref = versus or ("fp32", rates.get("fp32"))
+        report.add("c", f"step {method} {arch} {size}px b{batch} {prec} on {device.type}", rates[prec], ref, ref_name)
+    return rates
+
+
+def vit_vs_resnet(report: Report, device: torch.device, batch: int, precisions: list[str], steps: int) -> float:
+    """(c) the MoCo v3 step of ViT-Small/16 (mocov3-vit-small's heads, stop-grad conv1) against
+    ResNet-50's (mocov3-resnet50's) at 224 px, same batch and precision; returns the ViT's img/s
+    in the last precision."""
+    resnet = train_step(report, "mocov3", "resnet50", 224, batch, device, precisions, steps, preset="mocov3-resnet50")
+    vit = {}
+    for prec in precisions:
+        vit = train_step(report, "mocov3", "vit_small", 224, batch, device, [prec], steps, preset="mocov3-vit-small",
+                         versus=(f"ResNet-50 {prec}", resnet[prec]))
+    return vit[precisions[-1]]
 
 
 def end_to_end(report: Report, data_dir: str, aug: str, size: int, arch: str, batch: int, workers: int,
@@ -415,10 +435,13 @@ def main() -> int:
         if not quick:
             for method in [m for m in METHODS if m != "moco"]:  # MoCo's rows are above
                 train_step(report, method, "resnet18", 32, 32, cpu, ["fp32", "bf16+channels_last"], steps)
+        # MoCo v3 at ImageNet's size with its own recipes' heads: ViT-S/16 next to ResNet-50.
+        vit_vs_resnet(report, cpu, 4 if quick else 8, ["fp32"], steps)
         if cuda:
             for method in METHODS:
                 train_step(report, method, "resnet18", 64, 256, device, ["fp32", "bf16+channels_last"], 10)
             train_step(report, "moco", "resnet50", 224, 256, device, precs, 10)
+            vit_vs_resnet(report, device, 128, ["bf16"], 10)
 
     if "d" in args.sections:
         workers = args.workers if args.workers is not None else (min(16, cpus) if cuda else max(1, cpus - 1))

@@ -17,10 +17,11 @@ as they come:
                     GPU), then the kernels (the collectives on an NCCL group, bf16/fp16 steps against
                     fp32, SyncBN, channels_last, the batched augmentation against the CPU path).
   bench (<= 75 s)   MoCo v2 ResNet-50 at 224 px: the training step on synthetic input (fp32, bf16 +
-                    channels_last), the same through the engine, and the whole input pipeline.
+                    channels_last), MoCo v3 ViT-S/16's bf16 step at batch 128, the ResNet step
+                    through the engine, and the whole input pipeline.
   learn (the rest)  Fashion-MNIST (--fashion-mnist DIR): each method's small-image preset at batch
-                    512, bf16, channels_last, sized in optimizer steps - each method gets a third of the
-                    part's time, its step time measured first - with the online kNN and the checkpoint
+                    512, bf16, channels_last, sized in optimizer steps - each method gets an equal
+                    share of the part's time, its step time measured first - with the online kNN and the checkpoint
                     at the end only, then kNN and linear top-1 from features cached on the GPU against
                     both baselines measured in the same run (tools/fmnist_benchmark.py --eval features).
                     Target: each method 3 points above the better baseline on both (a miss is
@@ -201,6 +202,15 @@ def bench(checks: Checks, out: Path, device: torch.device, dry_run: bool, budget
                f"bf16+channels_last {figures['step_bf16+channels_last_img_s']:.0f} img/s", "PASS",
                time.perf_counter() - t0)
 
+    # MoCo v3 ViT-S/16 at 224 px, bf16, 128 a GPU (mocov3-vit-small-b1024 on 8 GPUs)
+    t0 = time.perf_counter()
+    vit, vit_size, vit_batch = ("vit_small_p4", 32, 4) if dry_run else ("vit_small", 224, 128)
+    rates = benchmark.train_step(report, "mocov3", vit, vit_size, vit_batch, device, ["bf16"], steps,
+                                 preset="mocov3-vit-small")
+    figures.update(vit_arch=vit, vit_image_size=vit_size, vit_batch=vit_batch, vit_step_bf16_img_s=rates["bf16"])
+    checks.add("bench", f"MoCo v3 {vit} {vit_size}px b{vit_batch} bf16 step: {rates['bf16']:.0f} img/s", "PASS",
+               time.perf_counter() - t0)
+
     t0 = time.perf_counter()
     model = build_model("moco", arch, K=4096, mlp=True, T=0.2)
     figures["engine_img_s"] = batch / step_seconds(model, "sgd", 0.03, size, batch, device, 3 if dry_run else 20)
@@ -261,7 +271,7 @@ def learn_methods() -> list[str]:
 
 
 def plan_learn(data: str, device: torch.device, budget: float, dry_run: bool) -> list[dict]:
-    """Steps per method: each method gets a third (1/len) of `budget`; its step is timed here on
+    """Steps per method: each method gets an equal share (1/len) of `budget`; its step is timed here on
     synthetic views (the preset's model and optimizer at batch LEARN_BATCH), and what remains of
     its share after LEARN_OVERHEAD_S becomes whole epochs of steps, at least one."""
     methods = learn_methods()
