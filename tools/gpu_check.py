@@ -313,7 +313,7 @@ def learn(checks: Checks, out: Path, data: str | None, device: torch.device, dry
     results_dir = out / "learn"
     for i, p in enumerate(plan):
         method, epochs = p["method"], p["epochs"]
-        limit = (budget - (time.perf_counter() - t_part)) / (len(plan) - i)  # a third of what is left
+        limit = (budget - (time.perf_counter() - t_part)) / (len(plan) - i)  # an equal share of what is left
         cmd = [sys.executable, "tools/fmnist_benchmark.py", "--method", method, "--data", data, "--epochs", str(epochs),
                "--eval", "features", "--knn-every", str(epochs), "--out", str(out / "learn-runs"),
                "--results-dir", str(results_dir), "--device", device.type, "--pretrain-args",
