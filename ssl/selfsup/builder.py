@@ -15,11 +15,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from .methods import BYOL, METHODS, Method, MoCo, SimCLR
+from .methods import BYOL, METHODS, Method, MoCo, MoCoV3, SimCLR
 from .backbones import ARCHS, backbone_constructor
 from .networks import SplitBatchNorm, compile_networks
 
-__all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "SimCLR", "SplitBatchNorm", "backbone_constructor",
+__all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "MoCoV3", "SimCLR", "SplitBatchNorm", "backbone_constructor",
            "build_model", "compile_networks", "method_options"]
 
 
