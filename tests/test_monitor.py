@@ -98,3 +98,27 @@ def test_plot_metrics_writes_a_png(tmp_path, repo):
     img = matplotlib.image.imread(out)
     assert img.shape[0] > 200 and img.shape[1] > 200
     assert plot_metrics.main([str(tmp_path / "missing")]) == 2
+
+
+def test_plot_metrics_gives_a_run_one_colour_in_every_panel(tmp_path, repo, monkeypatch):
+    import sys
+
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    sys.path.insert(0, str(repo / "tools"))
+    import plot_metrics
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    # "a" logs no momentum (as SimCLR), "b" does: b's momentum line must keep b's loss colour.
+    runs = {"a": [{"epoch": e, "loss": 1.0 / (e + 1)} for e in range(3)],
+            "b": [{"epoch": e, "loss": 2.0 / (e + 1), "momentum": 0.99 + 0.001 * e} for e in range(3)]}
+    plot_metrics.plot(runs, tmp_path / "c.png")
+    colour = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            if line.get_label() in runs:
+                colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert colour["b"] != colour["a"] and all(len(c) == 1 for c in colour.values()), colour

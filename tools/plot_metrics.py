@@ -69,11 +69,14 @@ def plot(runs: dict[str, list[dict]], out: Path, dims: dict[str, int | None] | N
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    # One colour per run in every panel: a panel's own colour cycle would shift when a run has no
+    # data there (SimCLR has no momentum), giving a run another run's colour.
+    colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}
     for ax, (key, title, log) in zip(axes.flat, panels):
         for name, records in runs.items():
             x, y = series(records, key)
             if x:
-                ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=name)
+                ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=name, color=colours[name])
             if key == "embed_std" and dims and dims.get(name):
                 ax.axhline(1 / math.sqrt(dims[name]), ls=":", lw=1, color="gray")
         ax.set_title(title, fontsize=10)
