@@ -54,6 +54,7 @@ def _step(rank, world_size, x1, x2):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.e2e
 def test_two_processes_with_n_each_equal_one_with_2n_gradients_included(tmp_path):
     # BatchNorm sees each process's batch, so the networks here normalise per sample group only where
     # the batch is the same: the tiny encoder's BN in eval mode makes the comparison exact.

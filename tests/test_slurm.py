@@ -366,6 +366,7 @@ def test_submitit_lincls_runs_the_linear_evaluation_as_torchrun_does(reference, 
         assert torch.equal(v, b["state_dict"][k]), k
 
 
+@pytest.mark.e2e
 def test_both_tools_start_like_the_other_tools():
     for tool in ("submitit_pretrain.py", "submitit_lincls.py"):
         r = run_script([f"tools/{tool}", "--help"])
