@@ -1,6 +1,7 @@
 """Two real gloo processes: gathers, SimCLR's global loss, MoCo's queue and shuffle BN, DDP."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -380,13 +381,19 @@ def test_cudnn_autotunes_unless_deterministic(monkeypatch):
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()
     try:
         configure_kernels(deterministic=False)
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled() == before
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
         configure_kernels(deterministic=True)
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's reproducible workspace
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        configure_kernels(deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's own value is kept
     finally:
         torch.use_deterministic_algorithms(before)

@@ -573,4 +573,7 @@ def configure_kernels(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
+        # cuBLAS repeats its results only with a fixed workspace, read when its first handle is made
+        # (after this, before the first matmul); a value the user set is kept.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
