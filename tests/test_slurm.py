@@ -337,12 +337,15 @@ def test_a_job_preempted_mid_epoch_checkpoints_requeues_and_ends_bitwise(folder,
         os.kill(pid, signal.SIGUSR2)
     assert task_results(job_dir, job) == ("success", 0), log.read_text()[-3000:]
     text = log.read_text()
-    # The stop path wrote a checkpoint inside epoch 0, then submitit requeued the job, whose
-    # second run resumed from that step (not from an epoch start) and finished.
-    stopped = re.search(r"SIGUSR2: checkpoint written at epoch 0 step ([12]);", text)
-    assert stopped, text[-3000:]
+    # The stop path wrote a checkpoint where the signal found the run, then submitit requeued the
+    # job, whose second run resumed from exactly there and finished. The epoch has 3 short steps: on
+    # a fast CPU the signal can arrive after the last one, and the stop is then at the epoch's end.
+    mid = re.search(r"SIGUSR2: checkpoint written at epoch 0 step ([12]);", text)
+    at_end = "SIGUSR2 at the end of epoch 0: checkpoint written" in text
+    assert mid or at_end, text[-3000:]
     assert "Requeued job" in text and text.count("Starting with JobEnvironment") == 2, text[-3000:]
-    assert f"resumed from {job_dir / 'checkpoint.pth.tar'}: epoch 0, step {stopped[1]}" in text, text[-3000:]
+    where = f"epoch 0, step {mid[1]}" if mid else "epoch 1, step 0"
+    assert f"resumed from {job_dir / 'checkpoint.pth.tar'}: {where}" in text, text[-3000:]
     assert_bitwise_equal(reference, load(job_dir / "checkpoint.pth.tar"))
 
 
