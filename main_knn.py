@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
-from selfsup.backbones import ARCHS, Features
+from selfsup.backbones import ARCH_HELP, ARCHS, Features
 from selfsup.checkpoint import check_writable
 from selfsup.cli import agree_on_error, check_numbers, default_workers, evaluation_folder, per_process_batch, report
 from selfsup.data import DEMO_ROOT
@@ -40,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", default=None,
                    help="root with train/ and val/ class folders; omit it for the embedded Fashion-MNIST demo")
     p.add_argument("--pretrained", required=True, help="pretraining checkpoint whose backbone is evaluated")
-    p.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: the checkpoint's)")
+    p.add_argument("-a", "--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone (default: the checkpoint's): {', '.join(ARCHS)}. {ARCH_HELP}")
     p.add_argument("-j", "--workers", default=None, type=int,
                    help="data loading workers per process (default: CPUs per process - 1)")
     p.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch of the feature extraction (default: 256)")

@@ -29,7 +29,7 @@ import torch
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
-from selfsup.backbones import ARCHS
+from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.checkpoint import check_writable, load_checkpoint
 from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
                          per_process_batch, write_args)
@@ -60,8 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="only evaluate the trained classifier (--resume, else OUTPUT_DIR/model_best.pth.tar)")
     g = p.add_argument_group("data and model")
-    g.add_argument("-a", "--arch", default=None, choices=ARCHS,
-                   help="backbone; default: the checkpoint's (a different one is an error), resnet50 without one")
+    g.add_argument("-a", "--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone; default: the checkpoint's (a different one is an error), resnet50 without one; "
+                        f"names the ViT variant of a checkpoint that does not record it: {', '.join(ARCHS)}. {ARCH_HELP}")
     g.add_argument("-j", "--workers", default=None, type=int, help="data loading workers per process (default: CPUs per process - 1)")
     g.add_argument("--image-size", default=None, type=int,
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")

@@ -26,7 +26,7 @@ import torch
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
-from selfsup.backbones import ARCHS
+from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
@@ -42,7 +42,7 @@ from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
 from selfsup.monitor import folder_monitor
 from selfsup.networks import compile_networks
-from selfsup.optim import OPTIMIZERS, build_optimizer
+from selfsup.optim import OPTIMIZERS, WD_EXCLUDE, build_optimizer
 from selfsup.resume import Checkpointer, claim_fresh_folder, default_run_folder, run_definition
 from selfsup.stopping import StopRequest
 
@@ -73,11 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--aug-plus", action="store_true", help="MoCo v2's augmentation (same as --aug moco_v2)")
     g.add_argument("--verify-images", action="store_true", help="decode every image first and list unreadable ones")
     g = p.add_argument_group("model (MoCo's flags; dim, m and t also serve BYOL and SimCLR)")
-    g.add_argument("-a", "--arch", default=None, choices=ARCHS, help="backbone (default: resnet50)")
+    g.add_argument("-a", "--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone (default: resnet50): {', '.join(ARCHS)}. {ARCH_HELP}")
     g.add_argument("--small-stem", default=None, action=argparse.BooleanOptionalAction,
                    help="3x3 stride-1 stem without max-pool, for 28-64 pixel images")
     g.add_argument("--stop-grad-conv1", default=None, action=argparse.BooleanOptionalAction,
                    help="ViTs: freeze the random patch projection (moco-v3's stabiliser; its ViT presets)")
+    g.add_argument("--zero-init-residual", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"ResNets: zero the last BatchNorm of each residual block ({by_method('zero_init_residual')})")
     g.add_argument("--moco-dim", default=None, type=int, help=f"output dim ({by_method('moco_dim')})")
     g.add_argument("--moco-k", default=None, type=int, help=f"MoCo queue size ({by_method('moco_k')})")
     g.add_argument("--moco-m", default=None, type=float, help=f"key/target encoder momentum ({by_method('moco_m')})")
@@ -98,8 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="GLOBAL batch size over all processes (default: 256)")
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
                    help="initial learning rate (default: 0.03; BYOL/SimCLR presets scale it with the batch)")
-    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help="sgd (default), lars, or adamw (no weight decay on biases, norms, position embeddings, tokens)")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="sgd (default), lars, or adamw")
+    g.add_argument("--wd-exclude", default=None, choices=WD_EXCLUDE,
+                   help="parameters without weight decay: none (default; moco-v3's AdamW, MoCo's SGD), bias-norm "
+                        "(biases and 1-D parameters: DINO), bias-norm-tokens (also a ViT's position embedding and "
+                        "tokens: timm, MAE); LARS never decays 1-D parameters")
     g.add_argument("--classic-momentum", default=None, action=argparse.BooleanOptionalAction,
                    help="LARS with the lr inside the momentum, as SimCLR's code (default for SimCLR; see optim.LARS)")
     g.add_argument("--lars-eta", default=None, type=float,
@@ -212,7 +218,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
             logger.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
     optimizer = build_optimizer(args.optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad], args.lr,
                                 args.momentum, args.wd, classic_momentum=args.classic_momentum,
-                                trust_coefficient=args.lars_eta)
+                                trust_coefficient=args.lars_eta, wd_exclude=args.wd_exclude)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     monitor = None
     if args.knn_every > 0:

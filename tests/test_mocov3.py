@@ -2,6 +2,7 @@
 and two, the momentum encoder, the predictor's side, the ViT's position embedding, stop-grad conv1,
 its published sizes and moco-v3's own checkpoints."""
 
+import argparse
 import copy
 import math
 from functools import partial
@@ -11,11 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import run_distributed
-from selfsup.backbones import vit
+from selfsup import recipes
+from selfsup.backbones import check_record, record, vit
+from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
-from selfsup.checkpoint import extract_backbone
 from selfsup.methods import MoCoV3
-from selfsup.probe import build_probe
+from selfsup.probe import build_probe, load_pretrained
+from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol
 from test_builder import tiny_encoder
 
 
@@ -96,17 +99,21 @@ def test_the_momentum_encoder_gets_no_gradient_and_follows_the_ema():
 def test_the_predictor_is_on_the_query_side_only():
     model = tiny()
     assert not any("predictor" in name for name, _ in model.encoder_k.named_modules())
-    x1, x2 = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64)
-    changed = copy.deepcopy(model)
+    with torch.no_grad():  # a predictor far from the identity, so keys through it would change the loss
+        for p in model.predictor.parameters():
+            p.mul_(3.0)
+    x1, x2 = torch.randn(2, 6, 3, 8, 8, dtype=torch.float64)
+    after_ema = copy.deepcopy(model)
+    after_ema._momentum_update_key_encoder()  # the forward updates the momentum encoder before the keys
     with torch.no_grad():
-        for p in changed.predictor.parameters():
-            p.mul_(1.5)
-    # The keys come from encoder_k alone: a changed predictor moves only the queries.
-    with torch.no_grad():
-        a, b = copy.deepcopy(model), copy.deepcopy(changed)
-        a._momentum_update_key_encoder(), b._momentum_update_key_encoder()
-        assert torch.equal(a.encoder_k(x1), b.encoder_k(x1))
+        q1, q2 = model.predictor(model.encoder_q(x1)), model.predictor(model.encoder_q(x2))
+        k1, k2 = after_ema.encoder_k(x1), after_ema.encoder_k(x2)
+        p1, p2 = after_ema.predictor(k1), after_ema.predictor(k2)  # what keys through the predictor would be
+    queries_only = naive_ctr(q1, k2, model.T) + naive_ctr(q2, k1, model.T)
+    both_sides = naive_ctr(q1, p2, model.T) + naive_ctr(q2, p1, model.T)
+    assert abs(queries_only.item() - both_sides.item()) > 1e-3  # the two readings are told apart here
     loss = model(x1, x2)
+    assert loss.item() == pytest.approx(queries_only.item(), rel=1e-10)
     loss.backward()
     assert all(p.grad is not None for p in model.predictor.parameters())
 
@@ -176,50 +183,154 @@ def test_vit_features_are_the_cls_token_after_the_final_norm():
     torch.testing.assert_close(net(x), net.head(expected))
 
 
-def moco_v3_vit_state(net: vit.VisionTransformer) -> dict[str, torch.Tensor]:
-    """`net`'s weights under moco-v3's names (its timm-based vits.py), written out by hand."""
-    s, out = net.state_dict(), {}
-    out["cls_token"], out["pos_embed"] = s["class_token"], s["encoder.pos_embedding"]
-    out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = s["conv_proj.weight"], s["conv_proj.bias"]
-    out["norm.weight"], out["norm.bias"] = s["encoder.ln.weight"], s["encoder.ln.bias"]
-    for i in range(len(net.encoder.layers)):
-        t = f"encoder.layers.encoder_layer_{i}."
-        for ours, theirs in (("ln_1", "norm1"), ("ln_2", "norm2"), ("self_attention.out_proj", "attn.proj"),
-                             ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")):
-            for kind in ("weight", "bias"):
-                out[f"blocks.{i}.{theirs}.{kind}"] = s[f"{t}{ours}.{kind}"]
-        out[f"blocks.{i}.attn.qkv.weight"] = s[f"{t}self_attention.in_proj_weight"]
-        out[f"blocks.{i}.attn.qkv.bias"] = s[f"{t}self_attention.in_proj_bias"]
-    out["head.0.weight"] = torch.randn(4096, net.hidden_dim)  # moco-v3's projector: dropped
-    return {f"module.base_encoder.{k}": v for k, v in out.items()} | {
-        "module.momentum_encoder.cls_token": torch.zeros(1, 1, net.hidden_dim)}
+# The references' own numbers, copied from their code (not from selfsup.backbones.vit): what timm
+# builds with them is the network each reference trains.
+MOCOV3 = {  # facebookresearch/moco-v3 vits.py: vit_small, vit_base (qkv_bias, LayerNorm eps 1e-6, mlp_ratio 4)
+    "vit_small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=12),
+    "vit_base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+DEIT = {  # facebookresearch/dino vision_transformer.py: vit_small (num_heads=6), vit_base; timm's vit_small_patch16_224
+    "deit_small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "deit_small_p8": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_p8": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
+}
+SMALL = {  # this project's 32-pixel variants: the references' blocks with patch 4
+    "vit_small_p4": dict(patch_size=4, embed_dim=384, depth=12, num_heads=12),
+    "vit_base_p4": dict(patch_size=4, embed_dim=768, depth=12, num_heads=12),
+    "deit_small_p4": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6),
+}
 
 
-def test_moco_v3s_own_vit_checkpoint_loads_with_the_same_weights():
-    torch.manual_seed(0)
-    original = vit.build("vit_small_p4", 0)
-    with torch.no_grad():
-        for p in original.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    weights = extract_backbone({"state_dict": moco_v3_vit_state(original), "arch": "vit_small"})
-    expected = {k: v for k, v in original.state_dict().items()}
-    assert set(weights) == set(expected)
-    assert all(torch.equal(weights[k], v) for k, v in expected.items())
-    probe = build_probe("vit_small_p4", False, 10, weights).eval()
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(probe.features(x), original.eval().forward_features(x))
-
-
-def test_moco_v3s_vit_names_give_the_features_of_a_timm_vit():
+def timm_vit(image_size: int, sincos: bool, **numbers) -> nn.Module:
+    """The reference network built by timm (num_classes=0: the cls token after the final norm),
+    randomly initialised; moco-v3's fixed 2D sin-cos position embedding when `sincos`."""
     timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6, num_classes=0, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    net = timm.models.vision_transformer.VisionTransformer(
+        img_size=image_size, num_classes=0, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        **numbers).eval()
     with torch.no_grad():
-        reference.pos_embed.copy_(vit.sincos_position_embedding(8, 384))
+        for p in net.parameters():  # timm's init leaves biases at 0 and the norms at 1: move everything
+            p.add_(torch.randn_like(p) * 0.02)
+        if sincos:
+            net.pos_embed.copy_(vit.sincos_position_embedding(image_size // numbers["patch_size"],
+                                                              numbers["embed_dim"]))
+    return net
+
+
+def features_of(path, x, arch=None):
+    pretrained = load_pretrained(path, arch)
+    probe = build_probe(pretrained.arch, False, 10, pretrained.weights).eval()
+    return pretrained, probe.features(x)
+
+
+@pytest.mark.parametrize("arch, image_size", [("vit_small", 224), ("vit_base", 224), ("vit_small_p4", 32),
+                                              ("vit_base_p4", 32)])
+def test_moco_v3s_checkpoints_load_as_moco_v3s_networks(arch, image_size, tmp_path):
+    # moco-v3's main_moco.py saves {'arch', 'state_dict': model.state_dict()} of the DDP model: the
+    # timm ViT under module.base_encoder., the momentum encoder beside it, the projector as `head`.
+    torch.manual_seed(0)
+    numbers = {**MOCOV3, **SMALL}[arch]
+    reference = timm_vit(image_size, sincos=True, **numbers)
     state = {f"module.base_encoder.{k}": v for k, v in reference.state_dict().items()}
-    weights = extract_backbone({"state_dict": state})
-    probe = build_probe("vit_small_p4", False, 10, weights).eval()
+    state |= {f"module.momentum_encoder.{k}": v.clone() for k, v in reference.state_dict().items()}
+    state["module.base_encoder.head.0.weight"] = torch.randn(64, numbers["embed_dim"])
+    recorded = {"arch": arch} if image_size == 224 else {}  # moco-v3 names its 224-pixel ViTs only
+    torch.save({"epoch": 1, **recorded, "state_dict": state}, tmp_path / "mocov3.pth.tar")
+    x = torch.randn(2, 3, image_size, image_size)
+    pretrained, features = features_of(tmp_path / "mocov3.pth.tar", x)
+    assert pretrained.arch == arch and pretrained.method == "mocov3"
+    torch.testing.assert_close(features, reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, image_size", [("deit_small", 224), ("deit_small_p8", 64), ("vit_base_p8", 64),
+                                              ("deit_small_p4", 32)])
+def test_timm_and_dino_backbone_files_load_as_their_networks(arch, image_size, tmp_path):
+    # DINO's *_pretrain.pth and timm's files: the bare state dict under timm's names, a learned
+    # position embedding; DeiT's head counts.
+    torch.manual_seed(0)
+    reference = timm_vit(image_size, sincos=False, **{**DEIT, **SMALL}[arch])
+    torch.save(reference.state_dict(), tmp_path / "backbone.pth")
+    x = torch.randn(2, 3, image_size, image_size)
+    pretrained, features = features_of(tmp_path / "backbone.pth", x)
+    assert pretrained.arch == arch and pretrained.method is None
+    torch.testing.assert_close(features, reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_moco_v3s_deit_format_vit_small_keeps_its_12_heads(tmp_path):
+    # moco-v3's convert_to_deit.py writes {'model': backbone under timm's names}: its ViT-S has
+    # moco-v3's fixed sin-cos position embedding, which tells it from DeiT's (learned).
+    torch.manual_seed(0)
+    reference = timm_vit(224, sincos=True, **MOCOV3["vit_small"])
+    torch.save({"model": reference.state_dict()}, tmp_path / "deit-format.pth")
+    x = torch.randn(2, 3, 224, 224)
+    pretrained, features = features_of(tmp_path / "deit-format.pth", x)
+    assert pretrained.arch == "vit_small" and pretrained.method == "mocov3"
+    torch.testing.assert_close(features, reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_vit_s_whose_head_count_nothing_tells_is_refused_naming_the_choices(tmp_path):
+    # This project's ViT checkpoints written before they recorded the count (their ViT-S had 6 heads).
+    torch.manual_seed(0)
+    net = vit.build("deit_small_p4", 0)
+    torch.save({"arch": "vit_small_p4", "state_dict": {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}},
+               tmp_path / "old.pth.tar")
+    with pytest.raises(ValueError, match=r"-a vit_small_p4 \(12 heads\).*-a deit_small_p4 \(6 heads\)|"
+                                         r"does not say how many attention heads.*-a vit_small_p4 or -a deit_small_p4"):
+        load_pretrained(tmp_path / "old.pth.tar")
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(probe.features(x), reference(x), rtol=1e-4, atol=1e-5)
+    pretrained, features = features_of(tmp_path / "old.pth.tar", x, arch="deit_small_p4")  # the user says which
+    assert pretrained.arch == "deit_small_p4"
+    torch.testing.assert_close(features, net.eval().forward_features(x))
+    # A checkpoint that records its count rejects the other name.
+    torch.save({"arch": "deit_small_p4", "backbone_variant": record(net),
+                "state_dict": {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "new.pth.tar")
+    assert load_pretrained(tmp_path / "new.pth.tar").arch == "deit_small_p4"
+    with pytest.raises(ValueError, match="deit_small_p4 backbone but -a vit_small_p4"):
+        load_pretrained(tmp_path / "new.pth.tar", "vit_small_p4")
+
+
+@pytest.mark.parametrize("arch, family_lr", [("vit_small_p4", 3.0), ("resnet18", 0.1)])
+def test_a_moco_v3_checkpoint_gets_moco_v3s_linear_protocol(arch, family_lr, tmp_path):
+    torch.manual_seed(0)
+    if arch.startswith("vit"):  # moco-v3's ViTs are timm's
+        state = {f"module.base_encoder.{k}": v for k, v in timm_vit(32, sincos=True, **SMALL[arch]).state_dict().items()}
+    else:  # its ResNets are torchvision's
+        net = build_model("mocov3", arch, dim=16, mlp_dim=32)
+        state = {f"module.base_encoder.{k}": v for k, v in net.encoder_q.state_dict().items()}
+    state |= {k.replace("base_encoder", "momentum_encoder"): v for k, v in state.items()}
+    torch.save({"state_dict": state, **({} if arch.startswith("vit") else {"arch": arch})}, tmp_path / "ckpt.pth.tar")
+    pretrained = load_pretrained(tmp_path / "ckpt.pth.tar")
+    args = argparse.Namespace(**{k: None for k in PROTOCOL_FLAGS}, batch_size=1024)
+    line = linear_protocol(args, pretrained.method, pretrained.arch)
+    # moco-v3's main_lincls.py: SGD, lr x B/256 (0.1 default; CONFIG.md's --lr=3 for ViTs), wd 0,
+    # 90 epochs, cosine - not MoCo's lr 30 with steps at 60 and 80.
+    assert (args.optimizer, args.lr, args.wd, args.epochs, args.cos) == ("sgd", family_lr * 4, 0.0, 90, True), line
+    assert "mocov3's protocol" in line
+
+
+def test_moco_v3s_resnets_zero_the_last_norm_of_every_residual_block():
+    # moco-v3's main_moco.py builds its ResNets with torchvision's zero_init_residual=True: the last
+    # BatchNorm of every block starts at zero, so each block starts as the identity.
+    def last_norms(method_cfg):
+        torch.manual_seed(0)
+        model = build_model("mocov3", "resnet50", dim=16, mlp_dim=32,
+                            backbone_options=backbone_flag_options("resnet50", method_cfg))
+        return [block.bn3.weight for net in (model.encoder_q, model.encoder_k)
+                for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer]
+
+    for cfg in (recipes.resolve("mocov3", "mocov3-resnet50", False, {}), recipes.resolve("mocov3", None, False, {})):
+        norms = last_norms(cfg)
+        assert len(norms) == 2 * 16 and all(not w.any() for w in norms)
+    assert all(w.all() for w in last_norms(recipes.resolve("mocov3", "small-mocov3", False, {"arch": "resnet50"})))
+
+
+def test_a_checkpoint_of_another_vit_variant_or_none_recorded_is_refused():
+    torch.manual_seed(0)
+    net = vit.build("vit_small_p4", 0)
+    assert record(net) == {"num_heads": 12}
+    check_record(net, {"num_heads": 12}, "checkpoint 'x'")
+    with pytest.raises(ValueError, match="with {'num_heads': 6}, this model has {'num_heads': 12}"):
+        check_record(net, {"num_heads": 6}, "checkpoint 'x'")
+    with pytest.raises(ValueError, match="does not record which Vision Transformer variant.*deit_small"):
+        check_record(net, None, "checkpoint 'x'")
+    check_record(build_model("moco", "resnet18", K=16).encoder_q, None, "checkpoint 'x'")  # a ResNet needs no record

@@ -204,7 +204,17 @@ def test_build_model_still_builds_every_method_with_its_defaults():
 # ---------------------------------------------------------------------------------------------- AdamW
 
 
-def test_adamw_leaves_biases_norms_position_embeddings_and_tokens_undecayed():
+# Which parameters each reference decays, read from their code: moco-v3's main_moco.py builds
+# AdamW(model.parameters(), ...) - all of them; DINO's utils.get_params_groups leaves out names
+# ending in ".bias" and 1-D parameters; timm's no_weight_decay (MAE) also the position embedding
+# and the tokens.
+WD_SETS = {"none": {"pos_embed", "cls_token", "proj.weight", "proj.bias", "norm.weight", "norm.bias"},
+           "bias-norm": {"pos_embed", "cls_token", "proj.weight"},
+           "bias-norm-tokens": {"proj.weight"}}
+
+
+@pytest.mark.parametrize("exclude", list(WD_SETS))
+def test_adamw_decays_exactly_the_references_parameters(exclude):
     from selfsup.optim import build_optimizer
 
     class Tokens(nn.Module):
@@ -221,18 +231,20 @@ def test_adamw_leaves_biases_norms_position_embeddings_and_tokens_undecayed():
     torch.manual_seed(0)
     net = Tokens()
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
-    opt = build_optimizer("adamw", net.named_parameters(), lr=0.1, weight_decay=0.5)
-    decayed = {n for n, p in net.named_parameters() for g in opt.param_groups if g["weight_decay"] and
-               any(p is q for q in g["params"])}
-    assert decayed == {"proj.weight"}
+    opt = build_optimizer("adamw", net.named_parameters(), lr=0.1, weight_decay=0.5, wd_exclude=exclude)
     net(torch.randn(2, 3, 4)).backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     opt.step()
     # Independent: one AdamW step by its formula (Loshchilov & Hutter), bias-corrected moments of
-    # one gradient: m / sqrt(v) = g / |g| elementwise, then the decoupled decay on proj.weight only.
+    # one gradient: m / sqrt(v) = g / |g| elementwise, then the decoupled decay on the decayed set.
     for n, p in net.named_parameters():
         g = grads[n]
         update = g / (g.abs() + 1e-8)
-        wd = 0.5 if n == "proj.weight" else 0.0
+        wd = 0.5 if n in WD_SETS[exclude] else 0.0
         expected = start[n] * (1 - 0.1 * wd) - 0.1 * update
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_the_papers_vit_presets_decay_as_their_code():
+    assert recipes.PRESETS["mocov3-vit-small"]["wd_exclude"] == "none"  # moco-v3: AdamW(model.parameters())
+    assert recipes.resolve("mocov3", "mocov3-vit-base", False, {})["wd_exclude"] == "none"

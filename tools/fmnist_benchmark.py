@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
-from selfsup.backbones import Features
+from selfsup.backbones import Features, record
+from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
 from selfsup.checkpoint import save_atomic
 from selfsup.data import FASHION_MNIST_NAME, fashion_mnist_root, load_fashion_mnist
@@ -118,9 +119,10 @@ def random_init_checkpoint(method: str, cfg: dict, seed: int, path: Path) -> Pat
     """The network main_pretrain.py trained (`cfg`: its args.json), built as it builds it (same
     seed), before any step."""
     torch.manual_seed(seed)
-    model = build_model(method, cfg["arch"], small_stem=cfg["small_stem"], **METHODS[method].options(cfg))
+    model = build_model(method, cfg["arch"], small_stem=cfg["small_stem"],
+                        backbone_options=backbone_flag_options(cfg["arch"], cfg), **METHODS[method].options(cfg))
     args = {k: cfg[k] for k in ("arch", "small_stem", "image_size")} | {"method": method}
-    save_atomic({"epoch": 0, "arch": cfg["arch"], "method": method, "args": args,
+    save_atomic({"epoch": 0, "arch": cfg["arch"], "backbone_variant": record(model.encoder_q), "method": method, "args": args,
                  "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
     return path
 

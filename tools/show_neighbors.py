@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root, for _bootstrap
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
-from selfsup.backbones import ARCHS, Features  # noqa: E402
+from selfsup.backbones import ARCH_HELP, ARCHS, Features  # noqa: E402
 from selfsup.checkpoint import CheckpointError  # noqa: E402
 from selfsup.data import (  # noqa: E402
     DEMO_ROOT,
@@ -230,8 +230,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", action="store_true", help="no checkpoint: a randomly initialised --arch")
     p.add_argument("--fashion-mnist", nargs="?", const=FASHION_MNIST_DEBIAN, default=None, metavar="DIR",
                    help=f"read Fashion-MNIST's idx files instead of DATA (default DIR: {FASHION_MNIST_DEBIAN})")
-    p.add_argument("-a", "--arch", default=None, choices=ARCHS,
-                   help="backbone (default: the checkpoint's; resnet18 with --random-init)")
+    p.add_argument("-a", "--arch", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"backbone (default: the checkpoint's; resnet18 with --random-init): {', '.join(ARCHS)}. {ARCH_HELP}")
     p.add_argument("--small-stem", action="store_true", help="with --random-init: the 3x3 stride-1 stem")
     p.add_argument("--queries", default=8, type=int, help="query images, one row each (default 8)")
     p.add_argument("--k", default=8, type=int, help="neighbours per query (default 8)")

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .backbones import FAMILIES, find_in_state, get_head, head_name, translate_foreign
+from .backbones import FAMILIES, find_in_state, get_head, head_name, identify, translate_foreign
 from .errors import CheckpointError
 
 
@@ -234,18 +234,59 @@ def load_backbone(model: nn.Module, backbone: Mapping[str, torch.Tensor],
         )
 
 
-def infer_arch_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """What a checkpoint says about how to rebuild its backbone: arch, method, small stem."""
+# moco-v3's checkpoints keep the trained network as `base_encoder` (its moco/builder.py).
+_MOCOV3_PREFIXES = ("module.base_encoder.", "base_encoder.")
+
+
+def checkpoint_origin(state: Mapping[str, Any]) -> str | None:
+    """Who wrote the model weights `state`, where their layout tells: 'moco-v3' (its `base_encoder`,
+    or a ViT under timm's names whose position embedding is moco-v3's fixed sin-cos one, as its
+    convert_to_deit.py writes it), 'timm' (a ViT under timm's names with a learned position
+    embedding: timm's, DeiT's and DINO's files), or None (this project, facebookresearch/moco,
+    torchvision)."""
+    if any(k.startswith(_MOCOV3_PREFIXES) for k in state):
+        return "moco-v3"
+    for prefix in ("module.", ""):
+        for family in FAMILIES.values():
+            marker = getattr(family, "FOREIGN_MARKER", None)
+            if marker and f"{prefix}{marker}" in state and hasattr(family, "foreign_origin"):
+                return family.foreign_origin(state, prefix)
+    return None
+
+
+def infer_arch_info(checkpoint: Mapping[str, Any], arch: str | None = None) -> dict[str, Any]:
+    """What a checkpoint says about how to rebuild its backbone: arch, method, small stem, and who
+    wrote it (`origin`, checkpoint_origin). `arch` (the user's -a) must agree with the checkpoint's
+    record; for a ViT it names the variant when the checkpoint cannot (selfsup.backbones.identify).
+    Raises ValueError naming the choices when the variant cannot be told."""
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), Mapping) else {}
+    state = model_state_dict(checkpoint)
+    origin = checkpoint_origin(state)
+    recorded = checkpoint.get("arch") or args.get("arch")
     info = {
-        "arch": checkpoint.get("arch") or args.get("arch"),
-        "method": checkpoint.get("method") or args.get("method"),
+        "arch": recorded,
+        "method": checkpoint.get("method") or args.get("method") or ("mocov3" if origin == "moco-v3" else None),
         "small_stem": args.get("small_stem"),
+        "origin": origin,
     }
-    if info["small_stem"] is None:  # what the weights say
-        try:
-            family = find_backbone(model_state_dict(checkpoint))[1]
-            info["small_stem"] = family.describe(extract_backbone(checkpoint)).get("small_stem")
-        except CheckpointError:
-            pass
+    try:
+        family = find_backbone(state)[1]
+    except CheckpointError:
+        family = None
+    if family is not None and hasattr(family, "identify"):
+        # A name alone does not say which variant: this project's ViT-S had 6 heads before its
+        # checkpoints recorded the count, moco-v3's has 12; trust it with the record or from moco-v3.
+        variant = checkpoint.get("backbone_variant")
+        trusted = recorded if (variant is not None or origin == "moco-v3") else None
+        if arch is not None and trusted is not None and arch != trusted:
+            raise ValueError(f"the checkpoint holds a {trusted} backbone but -a {arch} was given; leave -a out to use "
+                             "the checkpoint's architecture")
+        info["arch"] = identify(family, extract_backbone(checkpoint), arch or trusted, variant, origin)
+    elif arch is not None and recorded is not None and arch != recorded:
+        raise ValueError(f"the checkpoint holds a {recorded} backbone but -a {arch} was given; leave -a out to use "
+                         "the checkpoint's architecture")
+    elif arch is not None:
+        info["arch"] = arch
+    if info["small_stem"] is None and family is not None:  # what the weights say
+        info["small_stem"] = family.describe(extract_backbone(checkpoint)).get("small_stem")
     return info

@@ -31,6 +31,8 @@ COMMON: dict[str, Any] = {
     "image_size": 224,
     "small_stem": False,
     "stop_grad_conv1": False,  # ViTs: a frozen random patch projection (moco-v3)
+    "zero_init_residual": False,  # ResNets: torchvision's default init (moco-v3 zeroes each block's last BN)
+    "wd_exclude": "none",  # every parameter decays (selfsup.optim.WD_EXCLUDE)
     "bn_splits": 1,
     "sync_bn": False,
     "classic_momentum": False,

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .backbones import check_record, record
 from .checkpoint import CheckpointError
 from .errors import UsageError
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
@@ -341,8 +342,10 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     part (selfsup.resume.run_state). Keys of `state_dict` are those of the DDP-wrapped model
     (`module.encoder_q.*`, `module.queue`, ...) whatever the world size, as facebookresearch/moco's
     tools expect."""
+    core = unwrap(model)
     return {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step, "arch": args.arch,
-            "method": args.method, "state_dict": {f"module.{k}": v for k, v in unwrap(model).state_dict().items()},
+            "backbone_variant": record(core.encoder_q), "method": args.method,
+            "state_dict": {f"module.{k}": v for k, v in core.state_dict().items()},
             "run": run_definition(vars(args)), **run_state(optimizer, args, dist, rng, scaler),
             "meters": {k: float(v) for k, v in (meters or {}).items()}}  # loss_sum may be on the device
 
@@ -366,6 +369,7 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
     if not is_data_id(saved.get("data")):  # recorded where the data lay, not what it is: compare paths
         current = {**current, "data_id": None}
     check_same_run(saved, run_definition(current), path, args.accept_changes, explicit=bool(args.resume))
+    check_record(unwrap(model).encoder_q, ckpt.get("backbone_variant"), f"checkpoint '{path}'")
     try:
         unwrap(model).load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:

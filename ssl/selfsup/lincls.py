@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import Features
+from .backbones import Features, check_record, record
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .errors import UsageError
 from .data import training_loader
@@ -401,7 +401,8 @@ def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args,
     classifier checkpoints; its backbone part
     feeds --pretrained too. `epoch` is the next epoch to train."""
     return {
-        "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "small_stem": small_stem, "image_size": image_size,
+        "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "backbone_variant": record(probe.backbone),
+        "small_stem": small_stem, "image_size": image_size,
         "feature_bn": isinstance(probe.norm, nn.BatchNorm1d),
         "num_classes": len(classes), "classes": list(classes),
         "state_dict": {f"module.{k}": v for k, v in probe.classifier_state_dict().items()},
@@ -421,6 +422,7 @@ def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str,
         problems.append(f"{len(ckpt['classes'])} classes {list(ckpt['classes'])[:5]}... (this data: {len(classes)})")
     if problems:
         raise UsageError(f"'{path}' was trained in another setting: {', '.join(problems)}. Use a new --output-dir.")
+    check_record(probe.backbone, ckpt.get("backbone_variant"), f"'{path}'")
     try:
         probe.load_classifier_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
     except RuntimeError as e:

@@ -110,24 +110,37 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
-# Parameters that take no weight decay whatever their shape: a Vision Transformer's position
-# embedding and its tokens (timm's `no_weight_decay`, as MAE and DINO use it). Matched against
-# the last part of the parameter's name.
+# Which parameters weight decay leaves out (--wd-exclude), as the references build their optimizers:
+#   none              every parameter decays: moco-v3's AdamW (main_moco.py: AdamW(model.parameters(), ...))
+#                     and facebookresearch/moco's SGD;
+#   bias-norm         biases and other 1-D parameters (norms) do not: DINO (utils.get_params_groups:
+#                     `name.endswith(".bias") or len(param.shape) == 1`);
+#   bias-norm-tokens  nor do a ViT's position embedding and tokens (timm's `no_weight_decay`, MAE).
+# LARS never decays 1-D parameters whatever this says: that is LARS itself (see LARS).
+WD_EXCLUDE = ("none", "bias-norm", "bias-norm-tokens")
+# The parameters bias-norm-tokens adds, matched against the last part of the parameter's name.
 NO_DECAY_NAMES = ("pos_embed", "pos_embedding", "cls_token", "class_token", "dist_token", "mask_token",
                   "register_tokens")
 
 
-def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """False for biases and normalisation parameters (ndim <= 1) and for NO_DECAY_NAMES."""
-    return param.ndim > 1 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
+def takes_weight_decay(name: str, param: torch.Tensor, exclude: str = "bias-norm-tokens") -> bool:
+    """Whether parameter `name` takes weight decay under `exclude` (WD_EXCLUDE)."""
+    if exclude not in WD_EXCLUDE:
+        raise ValueError(f"unknown --wd-exclude '{exclude}'; valid: {', '.join(WD_EXCLUDE)}")
+    if exclude == "none":
+        return True
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return exclude == "bias-norm" or name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
 
 
-def decay_groups(named_params: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+def decay_groups(named_params: Iterable[tuple[str, torch.Tensor]], weight_decay: float,
+                 exclude: str = "bias-norm-tokens") -> list[dict]:
     """Two parameter groups: those that take `weight_decay` and those that take none (see
     takes_weight_decay), in the order given; an empty group is left out."""
     named = list(named_params)
-    groups = [{"params": [p for n, p in named if takes_weight_decay(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not takes_weight_decay(n, p)], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if takes_weight_decay(n, p, exclude)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not takes_weight_decay(n, p, exclude)], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -137,32 +150,29 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 def build_optimizer(
     name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
     classic_momentum: bool = False, trust_coefficient: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
+    wd_exclude: str = "none",
 ) -> torch.optim.Optimizer:
     """'sgd' (torch SGD with multi-tensor 'foreach' kernels, optionally Nesterov: SimCLR's and
-    BYOL's linear protocols), 'lars', or 'adamw' (moco-v3's ViT optimizer; `momentum` unused)
-    without weight decay on biases, norms, position embeddings and tokens (decay_groups).
+    BYOL's linear protocols), 'lars', or 'adamw' (moco-v3's ViT optimizer; `momentum` unused),
+    with weight decay on the parameters `wd_exclude` leaves in (WD_EXCLUDE; default: all).
 
     `params`: tensors, parameter groups (e.g. detection's, without weight decay on normalisation
-    layers), or (name, tensor) pairs as `model.named_parameters()` gives them - adamw needs the
-    names for its no-decay set; given bare tensors it goes by their shape alone. Every script
-    builds its optimizer here.
+    layers), or (name, tensor) pairs as `model.named_parameters()` gives them - bias-norm-tokens
+    needs the names; given bare tensors the exclusion goes by shape alone. Every script builds its
+    optimizer here.
     """
     params = list(params)
-    named = bool(params) and isinstance(params[0], tuple)
+    if params and not isinstance(params[0], dict):
+        named = params if isinstance(params[0], tuple) else [(str(i), p) for i, p in enumerate(params)]
+        params = decay_groups(named, weight_decay, wd_exclude)
+    if name in ("adamw", "lars") and nesterov:
+        raise ValueError("--nesterov applies to --optimizer sgd only")
     if name == "adamw":
-        if nesterov:
-            raise ValueError("--nesterov applies to --optimizer sgd only")
-        if not params or not isinstance(params[0], dict):
-            params = decay_groups(params if named else [(str(i), p) for i, p in enumerate(params)], weight_decay)
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
-    if named:
-        params = [p for _, p in params]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                foreach=True)
     if name == "lars":
-        if nesterov:
-            raise ValueError("--nesterov applies to --optimizer sgd only")
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, classic_momentum=classic_momentum,
                     trust_coefficient=trust_coefficient)
     raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")

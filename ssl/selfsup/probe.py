@@ -56,13 +56,11 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrai
     """
     ckpt = load_checkpoint(path)
     weights = extract_backbone(ckpt)
-    info = infer_arch_info(ckpt)
-    if arch is not None and info["arch"] is not None and arch != info["arch"]:
-        raise ValueError(
-            f"'{path}' holds a {info['arch']} backbone but -a {arch} was given; leave -a out to use the "
-            "checkpoint's architecture"
-        )
-    arch = arch or info["arch"]
+    try:
+        info = infer_arch_info(ckpt, arch)
+    except ValueError as e:
+        raise ValueError(f"'{path}': {e}") from e
+    arch = info["arch"]
     if arch is None:
         raise ValueError(f"'{path}' does not record its architecture; pass it with -a (one of {', '.join(ARCHS)})")
     if arch not in ARCHS:

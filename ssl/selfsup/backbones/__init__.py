@@ -24,7 +24,10 @@ A family is one module of this package, registered in FAMILIES. It provides:
 and optionally rebuild_options(weights) -> dict (constructor keywords that rebuild the net from
 its weights), flag_options(flags) -> dict (constructor keywords from main_pretrain.py's flags),
 FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
-family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them.
+family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them; and, for a
+family whose variants the weights cannot tell apart (ViT-S with 6 or 12 heads), record(net) ->
+dict (what a checkpoint stores beside the weights) and identify(weights, arch, recorded, origin)
+-> arch (the variant, from that record, the checkpoint's publisher, or an error naming the choices).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "vit": vit}
 
 # Every architecture any family builds (the choices of -a).
 ARCHS: tuple[str, ...] = tuple(arch for family in FAMILIES.values() for arch in family.ARCHS)
+# What -a's help says about names that two publishers use for two networks.
+ARCH_HELP = ("ViT-S: vit_small is moco-v3's (12 heads), deit_small DeiT/DINO/timm's (6 heads); vit_base has 12 in "
+             "both; _p8 / _p4: patch 8 / patch 4 (for 32-pixel images)")
 
 
 def family_of_arch(arch: str) -> ModuleType:
@@ -138,6 +144,37 @@ def flag_options(arch: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     return hook(flags) if hook else {}
 
 
+def record(net: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records beside `net`'s weights so that the same network is rebuilt from it
+    (a ViT's head count; nothing for a ResNet)."""
+    hook = getattr(family_of(net), "record", None)
+    return hook(net) if hook else {}
+
+
+def identify(family: ModuleType, weights: Mapping[str, torch.Tensor], arch: str | None,
+             recorded: Mapping[str, Any] | None, origin: str | None) -> str | None:
+    """The architecture `weights` (under `family`'s names) belong to: `arch` as named by the
+    checkpoint or the user, checked - and for a family whose variants share their shapes, decided -
+    by the family from the checkpoint's `record` and its publisher (`origin`: 'moco-v3', 'timm').
+    Raises ValueError naming the choices when the weights fit several variants and nothing tells."""
+    hook = getattr(family, "identify", None)
+    return hook(weights, arch, recorded, origin) if hook else arch
+
+
+def check_record(net: nn.Module, recorded: Mapping[str, Any] | None, what: str) -> None:
+    """A ValueError when `what` (a checkpoint) records another variant than `net`, or records none
+    for a family that needs it: same shapes, other network, never loaded silently."""
+    mine = record(net)
+    if not mine or recorded == mine:
+        return
+    if recorded is None:
+        raise ValueError(f"{what} does not record which {family_of(net).TITLE} variant it holds ({', '.join(mine)}), "
+                         f"which its weights cannot tell; this model has {mine}. It was written before checkpoints "
+                         "recorded it (this project's ViTs then had 6 heads: continue it with the 6-head names, "
+                         "deit_small or deit_small_p4), or start a new run")
+    raise ValueError(f"{what} holds a {family_of(net).TITLE} with {dict(recorded)}, this model has {mine}")
+
+
 def translate_foreign(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> Mapping[str, Any]:
     """`state` with a backbone saved under another library's names (moco-v3's timm ViTs) renamed
     to its family's; unchanged otherwise."""
@@ -159,5 +196,6 @@ def find_in_state(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> tuple[
     return None
 
 
-__all__ = ["ARCHS", "FAMILIES", "Features", "backbone_constructor", "build_backbone", "family_of", "family_of_arch",
-           "feature_dim", "find_in_state", "flag_options", "rebuild_options", "translate_foreign", "forward_features", "get_head", "head_name", "set_head"]
+__all__ = ["ARCHS", "ARCH_HELP", "FAMILIES", "Features", "backbone_constructor", "build_backbone", "check_record", "family_of",
+           "family_of_arch", "feature_dim", "find_in_state", "flag_options", "forward_features", "get_head", "head_name",
+           "identify", "rebuild_options", "record", "set_head", "translate_foreign"]

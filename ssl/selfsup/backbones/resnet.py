@@ -83,5 +83,6 @@ def rebuild_options(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def flag_options(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor keywords main_pretrain.py's flags give a ResNet: none (the stem is small_stem)."""
-    return {}
+    """Constructor keywords main_pretrain.py's flags give a ResNet: torchvision's zero_init_residual
+    (moco-v3 builds its ResNets with it; the stem is small_stem)."""
+    return {"zero_init_residual": bool(flags.get("zero_init_residual"))}

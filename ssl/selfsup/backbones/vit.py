@@ -21,14 +21,29 @@ import torch
 import torch.nn as nn
 import torchvision
 
-# name -> (patch size, width, blocks, heads, default image size). The _p4 variants are for 32-pixel
-# images (an 8 x 8 grid of patches, as the ImageNet models' 14 x 14 at 224).
+# name -> (patch size, width, blocks, attention heads, default image size). ViT-Small exists in two
+# published forms that share every tensor shape and differ only in their head count, which the
+# weights cannot tell (so a checkpoint records it, see `record`):
+# * moco-v3's (vits.py: vit_small = patch 16, embed_dim 384, depth 12, num_heads=12; vit_base =
+#   768, 12, num_heads=12): `vit_small`, `vit_base`;
+# * DeiT's, which DINO (vision_transformer.py: vit_small ... num_heads=6) and timm
+#   (vit_small_patch16_224) train: `deit_small` (patch 16) and `deit_small_p8` (DINO's ViT-S/8).
+# ViT-Base has 12 heads in both (DINO's vit_base: num_heads=12); `vit_base_p8` is DINO's ViT-B/8.
+# The _p4 variants are for 32-pixel images (an 8 x 8 grid of patches, as the ImageNet models'
+# 14 x 14 at 224).
 VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
-    "vit_small": (16, 384, 12, 6, 224),
+    "vit_small": (16, 384, 12, 12, 224),
     "vit_base": (16, 768, 12, 12, 224),
-    "vit_small_p4": (4, 384, 12, 6, 32),
+    "vit_base_p8": (8, 768, 12, 12, 224),
+    "deit_small": (16, 384, 12, 6, 224),
+    "deit_small_p8": (8, 384, 12, 6, 224),
+    "vit_small_p4": (4, 384, 12, 12, 32),
     "vit_base_p4": (4, 768, 12, 12, 32),
+    "deit_small_p4": (4, 384, 12, 6, 32),
 }
+# The head count each publisher's ViTs have, by width, for checkpoints that do not record it:
+# moco-v3's (12 whatever the width) and timm's names as timm and DINO save them (DeiT's: 64 per head).
+PUBLISHED_HEADS: dict[str, dict[int, int]] = {"moco-v3": {384: 12, 768: 12}, "timm": {384: 6, 768: 12}}
 ARCHS = tuple(VARIANTS)
 TITLE = "Vision Transformer"
 HEAD = "head"
@@ -109,7 +124,10 @@ def build(arch: str, num_classes: int, small_stem: bool = False, image_size: int
     patch, width, depth, heads, default_size = VARIANTS[arch]
     size = image_size or default_size
     if size % patch:
-        raise ValueError(f"{arch}: image size {size} is not a multiple of its patch size {patch}")
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        sizes = f"{lower} or {upper}" if lower else str(upper)
+        raise ValueError(f"{arch}: image size {size} is not a multiple of its patch size {patch}; use --image-size "
+                         f"{sizes}" + (" (or a _p4 variant for small images)" if patch > 4 else ""))
     return VisionTransformer(size, patch, width, depth, heads, num_classes, stop_grad_conv1)
 
 
@@ -126,12 +144,54 @@ def forward_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def describe(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The image size and variant the weights were trained for (patch size and grid from their shapes)."""
+    """What the weights say about the network: the image size it was trained for (patch size and
+    grid from their shapes), its patch size, width and depth - not its head count, which no
+    tensor shape holds (`identify`)."""
     width, _, patch, _ = weights[MARKER].shape
     grid = math.isqrt(weights["encoder.pos_embedding"].shape[1] - 1)
     blocks = len({k.split(".")[2] for k in weights if k.startswith("encoder.layers.")})
-    arch = next((name for name, (p, w, d, _, _) in VARIANTS.items() if (p, w, d) == (patch, width, blocks)), None)
-    return {"small_stem": False, "image_size": grid * patch, "arch": arch}
+    return {"small_stem": False, "image_size": grid * patch, "patch": patch, "width": width, "depth": blocks}
+
+
+def record(net: nn.Module) -> dict[str, Any]:
+    """What a checkpoint must record beside the weights to rebuild `net`: its head count."""
+    return {"num_heads": net.encoder.layers[0].self_attention.num_heads}
+
+
+def identify(weights: Mapping[str, torch.Tensor], arch: str | None, recorded: Mapping[str, Any] | None,
+             origin: str | None) -> str:
+    """The variant (a VARIANTS name) the weights belong to. The shapes give patch, width and depth;
+    the head count comes from the checkpoint's record (`record`, this project's checkpoints), else
+    from who published it (`origin`: 'moco-v3' or 'timm', PUBLISHED_HEADS), else from the shapes
+    when every variant with them has one count (ViT-Base). `arch` (a name the checkpoint or the
+    user gives) must fit the shapes and the known count; without a count it decides. A ViT-S whose
+    count nothing tells is a ValueError naming the choices - never a guess."""
+    d = describe(weights)
+    fitting = {name: spec[3] for name, spec in VARIANTS.items() if spec[:3] == (d["patch"], d["width"], d["depth"])}
+    shape = f"a ViT with patch {d['patch']}, width {d['width']} and {d['depth']} blocks"
+    if not fitting:
+        raise ValueError(f"the checkpoint holds {shape}, which no variant here has ({', '.join(VARIANTS)})")
+    heads = (recorded or {}).get("num_heads")
+    if heads is None and origin in PUBLISHED_HEADS:
+        heads = PUBLISHED_HEADS[origin].get(d["width"])
+    if heads is None and len(set(fitting.values())) == 1:
+        heads = next(iter(fitting.values()))
+    choices = ", ".join(f"-a {name} ({h} heads)" for name, h in fitting.items())
+    if arch is not None:
+        if arch not in fitting:
+            raise ValueError(f"the checkpoint holds {shape}, not a {arch}: {choices}")
+        if heads is not None and fitting[arch] != heads:
+            raise ValueError(f"the checkpoint's ViT has {heads} attention heads, {arch} has {fitting[arch]}: {choices}")
+        return arch
+    if heads is None:
+        raise ValueError(
+            f"the checkpoint holds {shape} but does not say how many attention heads it has, which its weights "
+            f"cannot tell (moco-v3's ViT-S has 12, DeiT/DINO/timm's 6; this project's checkpoints record it, those "
+            f"written before it did held 6): name the network with {' or '.join(c.split(' (')[0] for c in choices.split(', '))}")
+    named = [name for name, h in fitting.items() if h == heads]
+    if not named:
+        raise ValueError(f"the checkpoint holds {shape} with {heads} attention heads, which no variant here has: {choices}")
+    return named[0]
 
 
 def rebuild_options(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -152,6 +212,17 @@ _TIMM_BLOCK = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weigh
                "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
                "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
 FOREIGN_MARKER = "patch_embed.proj.weight"  # a timm ViT's key
+
+
+def foreign_origin(state: Mapping[str, torch.Tensor], prefix: str) -> str:
+    """Who published a ViT saved under timm's names at `prefix`: 'moco-v3' when its position
+    embedding is moco-v3's fixed 2D sin-cos one (its convert_to_deit.py writes its ViTs so), else
+    'timm' - timm's, DeiT's and DINO's ViTs learn their position embedding."""
+    pos = state[f"{prefix}pos_embed"].float()
+    grid, dim = math.isqrt(pos.shape[1] - 1), pos.shape[2]
+    fixed = (grid * grid + 1 == pos.shape[1] and dim % 4 == 0
+             and torch.allclose(pos, sincos_position_embedding(grid, dim), atol=1e-6))
+    return "moco-v3" if fixed else "timm"
 
 
 def from_timm_names(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

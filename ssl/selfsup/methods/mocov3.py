@@ -37,9 +37,10 @@ class MoCoV3(MomentumMethod):
     """
 
     name = "mocov3"
-    # moco-v3's main_moco.py defaults (ResNet-50, 100 epochs).
+    # moco-v3's main_moco.py defaults (ResNet-50, 100 epochs); it builds every ResNet with
+    # zero_init_residual=True.
     defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.99, "moco_t": 1.0, "moco_m_cos": True,
-                "aug": "mocov3_resnet"}
+                "aug": "mocov3_resnet", "zero_init_residual": True}
     networks = ("encoder_q", "encoder_k", "predictor")
     flag_options = {"moco_dim": "dim", "mlp_dim": "mlp_dim", "moco_m": "m", "moco_t": "T", "moco_m_cos": "m_cos",
                     "bn_splits": "bn_splits"}
@@ -49,7 +50,7 @@ class MoCoV3(MomentumMethod):
                "moco_m_cos": True, "moco_t": 1.0, "aug": "mocov3_resnet", "sync_bn": True}
     _VIT = {"epochs": 300, "batch_size": 4096, "optimizer": "adamw", "lr_per_256": 1.5e-4, "wd": 0.1,
             "warmup_epochs": 40, "cos": True, "moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.99, "moco_m_cos": True,
-            "moco_t": 0.2, "stop_grad_conv1": True, "aug": "byol", "sync_bn": True}
+            "moco_t": 0.2, "stop_grad_conv1": True, "aug": "byol", "sync_bn": True, "wd_exclude": "none"}
     presets = {
         # moco-v3's CONFIG.md: ResNet-50 with `--moco-m-cos --crop-min=.2` on top of main_moco.py's defaults.
         "mocov3-resnet50": {
@@ -69,8 +70,8 @@ class MoCoV3(MomentumMethod):
             "source": "facebookresearch/moco-v3 CONFIG.md, ResNet-50 1000-epoch (--lr=.3 --wd=1.5e-6 --moco-m=0.996)",
             "reported": "74.6%, ResNet-50, 1000 epochs, batch 4096 (moco-v3 CONFIG.md)",
         },
-        # ViTs: AdamW; moco-v3 decays every parameter, this builder's AdamW leaves norms, biases,
-        # position embeddings and tokens undecayed (the usual set; docs/CONFIG.md).
+        # ViTs: moco-v3's vits.py vit_small / vit_base (12 heads both), AdamW decaying every
+        # parameter as its main_moco.py builds it (AdamW(model.parameters(), ...)).
         "mocov3-vit-small": {
             **_VIT, "title": "MoCo v3 ViT-Small", "arch": "vit_small",
             "source": "facebookresearch/moco-v3 CONFIG.md, ViT-Small 4-node (32-GPU) pre-training",
@@ -88,9 +89,10 @@ class MoCoV3(MomentumMethod):
         },
         # Fashion-MNIST: the ResNet-18 recipe of the other small presets with SGD (LARS at the
         # papers' trust coefficient barely moves the weights in a few thousand steps), moco-v3's
-        # T = 1 replaced by SimCLR's small-image 0.2.
+        # T = 1 replaced by SimCLR's small-image 0.2, torchvision's init as measured (docs/RESULTS.md).
         "small-mocov3": {
             **SMALL_IMAGE, "title": "MoCo v3", "lr_per_256": 0.06, "optimizer": "sgd", "wd": 5e-4, "moco_dim": 128,
+            "zero_init_residual": False,
             "mlp_dim": 1024, "moco_m": 0.99, "moco_m_cos": True, "moco_t": 0.2, "aug": "byol",
             "source": "MoCo v3 at the other small-image presets' scale (ResNet-18, SGD, batch 128)",
             "reported": "docs/RESULTS.md, Fashion-MNIST",
