@@ -183,11 +183,31 @@ def _tasks_on_node(tasks_per_node: str, node: int) -> int:
     return counts[node]
 
 
-def job_port(job_id: str) -> int:
-    """The rendezvous port of a job: 15000 + the job id's last four digits, as PyTorch
-    Lightning's SLURM environment picks it, so every task of the job (and its requeued runs)
-    derives the same one. Two jobs on one node whose ids end alike collide: set MASTER_PORT."""
-    return 15000 + int(job_id) % 10000
+PORTS = (25000, 32768)  # above Lightning's 15000-24999, below Linux's ephemeral ports (32768-60999)
+PORTS_SKIPPED = (29400, 29500)  # torchrun's defaults (--rdzv-endpoint, MASTER_PORT)
+PORT_STEP_STRIDE = 4799  # ~0.618 x the 7,766 ports, prime to it: the steps of a job spread over all of them
+
+
+def job_port(job_id: str, step_id: str = "0") -> int:
+    """The rendezvous port of step `step_id` of SLURM job `job_id`, in 25000-32767 without
+    torchrun's 29400 and 29500: (job + 4799 x step) mod 7766 counted from 25000.
+
+    Every task of a step derives the same port, and so does the step of the same number after a
+    requeue (SLURM keeps the job id and numbers the steps from 0 again); two steps of one job
+    (two srun in one batch script, also at the same time) never share one (below 7,766 steps).
+    Two jobs' steps on one node share one with odds of 1 in 7,766 (their ids equal modulo 7,766
+    for step 0 of both), never when the ids differ by less than 1,135 and the step numbers by
+    less than 5; the range is disjoint from Lightning's (15000 + job id mod 10000), so a
+    Lightning step of the same job never collides. Otherwise: set MASTER_PORT.
+    Raises ValueError for a step id that is not a number."""
+    if not str(step_id).isdigit():
+        raise ValueError(f"SLURM_STEP_ID='{step_id}' is not a step number to derive the rendezvous port from: set "
+                         "MASTER_PORT")
+    span = PORTS[1] - PORTS[0] - len(PORTS_SKIPPED)
+    port = PORTS[0] + (int(job_id) + PORT_STEP_STRIDE * int(step_id)) % span
+    for skipped in PORTS_SKIPPED:  # in increasing order: each one moves the ports from it up by one
+        port += port >= skipped
+    return port
 
 
 def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -197,7 +217,7 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     MASTER_PORT). Without them, a task started by srun takes SLURM's: rank SLURM_PROCID, world
     size SLURM_STEP_NUM_TASKS, local rank SLURM_LOCALID, the tasks on its node from
     SLURM_STEP_TASKS_PER_NODE, the rendezvous at the first host of SLURM_STEP_NODELIST (rank 0's
-    node under srun's block distribution) on `job_port(SLURM_JOB_ID)`; MASTER_ADDR and
+    node under srun's block distribution) on `job_port(SLURM_JOB_ID, SLURM_STEP_ID)`; MASTER_ADDR and
     MASTER_PORT, when set, win over those two. A batch script's own shell also has SLURM_PROCID
     but no step variables: a process started there without srun is one process.
     Raises ValueError naming the variable it cannot read.
@@ -226,13 +246,13 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     if master_port is None and not job_id.isdigit():
         raise ValueError(f"srun started this process but SLURM_JOB_ID='{job_id}' is not a job number to derive the "
                          "rendezvous port from: set MASTER_PORT")
-    master_port = master_port or job_port(job_id)
+    master_port = master_port or job_port(job_id, env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "0")
     node = int(env.get("SLURM_STEP_NODEID") or env.get("SLURM_NODEID") or "0")
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     cpus = env.get("SLURM_CPUS_PER_TASK")
     world = int(env["SLURM_STEP_NUM_TASKS"])
     where = ("MASTER_ADDR" if env.get("MASTER_ADDR") else f"first node of '{nodelist}'",
-             "MASTER_PORT" if env.get("MASTER_PORT") else "port from the job id")
+             "MASTER_PORT" if env.get("MASTER_PORT") else "port from the job and step ids")
     return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=world, local_rank=int(env.get("SLURM_LOCALID", "0")),
                      local_world_size=_tasks_on_node(tasks_per_node, node) if tasks_per_node else 1,
                      master_addr=master_addr, master_port=master_port,

@@ -291,6 +291,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
             broadcast_buffers_(core)
             if stats["stopped_at"] is not None and stats["stopped_at"] < steps:
                 checkpointer.save(epoch=epoch, step=stats["stopped_at"], meters=stats["meter_state"])
+                ctx.stop.checkpoint_written()  # on disk: a launcher requeues now, not after the teardown
                 logger.info("%s: checkpoint written at epoch %d step %d; rerun the same command to resume",
                             signal_name(ctx.stop.signum), epoch, stats["stopped_at"])
                 return 0
@@ -312,6 +313,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
             metrics.write(record, step=epoch, prefix="pretrain/")
             logger.info(_epoch_line(record, embed_dim))
             if stats["stopped_at"] is not None:
+                ctx.stop.checkpoint_written()
                 logger.info("%s at the end of epoch %d: checkpoint written; rerun the same command to resume",
                             signal_name(ctx.stop.signum), epoch)
                 return 0

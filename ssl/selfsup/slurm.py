@@ -9,8 +9,11 @@ the job's folder, so a requeued job finds its checkpoint there and resumes.
 Pre-emption and time limits: the job asks SLURM for submitit's warning signal (USR2, not USR1,
 which some NCCL versions take for themselves: facebookincubator/submitit#1697) 120 seconds before
 the end, as `#SBATCH --signal=USR2@120`. Pretraining stops at the next step boundary through its
-own stop path (selfsup.stopping), writes a step checkpoint, and only then lets submitit's handler
-requeue the job (its `checkpoint` protocol: the resubmitted run is this one again). Linear
+own stop path (selfsup.stopping), writes a step checkpoint, and rank 0 requeues the job the
+moment that checkpoint is on disk, before the run tears down (`Requeue`: submitit's handler, whose
+`checkpoint` protocol resubmits this run again; a watchdog requeues anyway REQUEUE_DEADLINE_S
+after the warning if no checkpoint came by then). `scontrol requeue` kills a running job (SIGTERM,
+SIGKILL after the cluster's KillWait), which is why it waits for the checkpoint. Linear
 evaluation, whose epochs are short, leaves the signal to submitit: requeued at once, it resumes
 from its last epoch. A SIGTERM (scancel, or a pre-emption without the warning signal) also writes
 the checkpoint but requeues nothing: SLURM requeues pre-empted jobs itself under PreemptMode=REQUEUE.
@@ -30,17 +33,25 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from .cli import default_workers, per_process_batch, report
 from .errors import INPUT_ERRORS, UsageError
 from .distributed import job_port, launch_env
-from .stopping import StopRequest
+from .stopping import StopRequest, signal_name
 
 WARNING_SECONDS = 120  # the warning signal comes this long before the time limit (SLURM may send it 60 s early)
+# The watchdog's requeue after the warning when no stop checkpoint came: late enough for any step and
+# checkpoint that can still make it (after the requeue the write goes on until SIGKILL, KillWait = 30 s
+# by default, i.e. up to the time limit), early enough for `scontrol requeue` (30 s) before the limit.
+REQUEUE_DEADLINE_S = WARNING_SECONDS - 30
 MAX_TIMEOUTS = 30  # requeues after a time limit before the job gives up (facebookresearch/mae's setting)
 INSTALL = "the SLURM launcher needs submitit: pip install submitit (or pip install .[slurm] in this repository)"
+logger = logging.getLogger(__name__)
 
 
 def get_launcher_parser(script: str) -> argparse.ArgumentParser:
@@ -71,6 +82,79 @@ def get_launcher_parser(script: str) -> argparse.ArgumentParser:
     return p
 
 
+class Requeue:
+    """Requeues the job once per run, on rank 0, when its warning signal stopped the run: right after
+    the stop checkpoint is on disk (`stop.on_checkpoint`), or `deadline_s` after the warning if it
+    is not by then (a watchdog thread: the step may hang on a lost peer; the previous checkpoint,
+    written atomically, stays whole), or when the run returns 0 without having reported one.
+    Never after the process group's teardown, which can outlast the warning.
+
+    `requeue` is submitit's handler of the warning signal: it pickles the run's `checkpoint()`,
+    runs `scontrol requeue` and ends the process with sys.exit (the local executor's requeue is
+    that exit's status). The exit is held (`outcome`) and raised by `finish`, once the run has torn
+    down; meanwhile SLURM's SIGTERM is only logged (submitit's handler) and its SIGKILL comes
+    KillWait later. One log line gives the seconds from the warning to the requeue and why then.
+    Used as a context manager around the run (it starts and stops the watchdog)."""
+
+    def __init__(self, stop: StopRequest, requeue: Callable[[int, object], None], warning: int,
+                 deadline_s: float = REQUEUE_DEADLINE_S) -> None:
+        self.stop, self.requeue, self.warning, self.deadline_s = stop, requeue, warning, deadline_s
+        self.why: str | None = None  # set once, by whichever of the three comes first
+        self.seconds: float | None = None  # from the warning to the requeue
+        self.outcome: BaseException | None = None  # what submitit's handler raised (its exit)
+        self._claim = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="requeue-watchdog", daemon=True)
+        stop.on_checkpoint = self.after_checkpoint
+
+    def __enter__(self) -> "Requeue":
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._closed.set()
+        self._watchdog.join()
+
+    @property
+    def warned(self) -> bool:
+        return self.stop.signum == self.warning
+
+    def after_checkpoint(self) -> None:
+        if self.warned:
+            self._issue("right after the stop checkpoint")
+
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self.deadline_s / 10)):
+            if self.warned and time.monotonic() - self.stop.at >= self.deadline_s:
+                self._issue(f"by the watchdog: no stop checkpoint {self.deadline_s:g} s after the warning (the "
+                            "requeued run resumes from the last checkpoint on disk)")
+                return
+
+    def finish(self, status: int) -> None:
+        """After the run returned `status`: requeue if the warning came, nothing requeued yet and
+        the run ended well, then raise the requeue's exit, if any."""
+        if self.warned and self.why is None and status == 0:
+            self._issue("at the run's end (it reported no stop checkpoint)")
+        if self.outcome is not None:
+            raise self.outcome
+
+    def _issue(self, why: str) -> None:
+        with self._claim:
+            if self.why is not None:
+                return
+            self.why = why
+        self.seconds = time.monotonic() - self.stop.at
+        try:
+            self.requeue(self.warning, None)
+        except BaseException as e:  # submitit's SystemExit, or why it did not requeue
+            self.outcome = e
+        name = signal_name(self.warning)
+        if self.outcome is None or isinstance(self.outcome, SystemExit):
+            logger.info("%s: requeue issued %.1f s after the warning, %s", name, self.seconds, why)
+        else:
+            logger.error("%s: requeue %.1f s after the warning, %s, failed: %s", name, self.seconds, why, self.outcome)
+
+
 class SubmittedRun:
     """One run of an entry script as a submitit job, called in every task.
 
@@ -98,14 +182,16 @@ class SubmittedRun:
         if getattr(args, "workers", 0) is None:  # from the CPUs of the node it runs on
             args.workers = default_workers()
         warning = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-        requeue = signal.getsignal(warning)  # submitit's: checkpoint(), requeue, exit (on rank 0)
-        if "stop" in inspect.signature(script.main).parameters:  # a stop path with step checkpoints
-            stop = StopRequest(announce=launch_env().rank == 0)
-            status = script.main(args, stop)
-            if stop.signum == warning and callable(requeue):
-                requeue(warning, None)  # now that the step checkpoint is on disk
-        else:
+        handler = signal.getsignal(warning)  # submitit's: checkpoint(), requeue, exit (on global rank 0)
+        if "stop" not in inspect.signature(script.main).parameters:  # submitit's handler requeues at the signal
             status = script.main(args)
+        elif job.global_rank == 0 and callable(handler):  # a stop path with step checkpoints
+            stop = StopRequest(announce=launch_env().rank == 0)
+            with Requeue(stop, handler, warning, REQUEUE_DEADLINE_S) as requeue:
+                status = script.main(args, stop)
+            requeue.finish(status)
+        else:
+            status = script.main(args, StopRequest(announce=launch_env().rank == 0))
         if status:
             raise RuntimeError(f"{self.module}.py ended with exit status {status}; its log above says why")
         return status

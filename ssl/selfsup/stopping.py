@@ -3,7 +3,9 @@
 * `StopRequest`: Ctrl-C (SIGINT), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time
   limit or pre-emption, with `--signal=USR1@120`; submitit asks for USR2) become a flag the
   training loop checks at step boundaries, so it can write a checkpoint and exit with status 0.
-  A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line).
+  A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line). The
+  loop calls `checkpoint_written()` the moment the stop's checkpoint is on disk, so that a
+  launcher can act before the run tears down (selfsup.slurm requeues the job there).
 * `ignore_stop_signals`: the loader workers leave those signals to the main process.
 * `NonFiniteLossError`: the loss became NaN or infinite; raised before the step that would
   spread it into the weights.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from typing import Callable
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,14 +27,17 @@ class StopRequest:
     """Turns Ctrl-C (SIGINT), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warnings) into a flag checked
     at step boundaries, so the run can write a checkpoint and exit cleanly. A second Ctrl-C raises
     KeyboardInterrupt at once. `announce` (rank 0) says on stderr what the first Ctrl-C does.
-    `signum` is the first signal received: a launcher that passes its own StopRequest in learns
-    why the run stopped (tools/submitit_pretrain.py requeues the job on submitit's signal)."""
+    `signum` is the first signal received and `at` its time.monotonic(): a launcher that passes
+    its own StopRequest in learns why and when the run stopped, and `on_checkpoint` is called by
+    `checkpoint_written` (tools/submitit_pretrain.py requeues the job there on submitit's signal)."""
 
     SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, on_checkpoint: Callable[[], None] | None = None) -> None:
         self.signum: int | None = None
+        self.at: float | None = None
         self.announce = announce
+        self.on_checkpoint = on_checkpoint
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
@@ -49,7 +56,9 @@ class StopRequest:
         if self.signum is None and signum == signal.SIGINT and self.announce:
             # os.write, not print or logging: safe inside a signal handler
             os.write(2, b"\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)\n")
-        self.signum = self.signum or signum
+        if self.signum is None:  # `at` first: another thread that sees `signum` finds `at` set
+            self.at = time.monotonic()
+            self.signum = signum
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -59,6 +68,13 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def checkpoint_written(self) -> None:
+        """The training loop's call the moment the stop's checkpoint is on disk (written, fsynced,
+        renamed), before its log line, the metrics' close and the process group's teardown: runs
+        `on_checkpoint`, which must not wait for those (a requeue that did could come too late)."""
+        if self.requested and self.on_checkpoint is not None:
+            self.on_checkpoint()
 
 
 def signal_name(signum: int | None) -> str:
