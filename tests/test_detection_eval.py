@@ -124,6 +124,7 @@ def coco_dataset(tmp_path):
 
 
 def test_coco_ap_perfect_shifted_and_empty(tmp_path):
+    pytest.importorskip("pycocotools")  # optional: absent on a machine without pip
     ds = coco_dataset(tmp_path)
     perfect = {i: pred(r.boxes, [0.9], r.labels) for i, r in enumerate(ds.records)}
     res = evaluate_coco(perfect, ds)
