@@ -26,12 +26,12 @@ import torch
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
+from selfsup.accumulation import Accumulation, batch_line, micro_batches
 from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.backbones import flag_options as backbone_flag_options
 from selfsup.builder import build_model
 from selfsup.checkpoint import check_writable
-from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, launch, per_process_batch, report,
-                         write_args, write_json)
+from selfsup.cli import add_moco_launcher_args, agree_on_error, check_numbers, launch, report, write_args, write_json
 from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
 from selfsup.data.augmentations import AUGMENTATIONS
 from selfsup.data.pipeline import AUG_BACKENDS, build_pretrain_pipeline
@@ -44,6 +44,7 @@ from selfsup.monitor import folder_monitor
 from selfsup.networks import compile_networks
 from selfsup.optim import OPTIMIZERS, WD_EXCLUDE, build_optimizer
 from selfsup.resume import Checkpointer, claim_fresh_folder, default_run_folder, run_definition
+from selfsup.rng import MicroStreams
 from selfsup.stopping import StopRequest
 
 logger = logging.getLogger("main_pretrain")
@@ -99,6 +100,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", default=None, type=int, help="total epochs (default: 200)")
     g.add_argument("-b", "--batch-size", default=None, type=int,
                    help="GLOBAL batch size over all processes (default: 256)")
+    g.add_argument("--accum-iter", default=None, type=int,
+                   help="K micro-batches per process and optimizer step: W processes train what W x K would, same "
+                        "global batch (README: Fewer GPUs than the paper)")
+    g.add_argument("--micro-batch", default=None, type=int,
+                   help="images per micro-batch, the other way to say --accum-iter (K = batch / (processes x N))")
     g.add_argument("--lr", "--learning-rate", default=None, type=float, dest="lr",
                    help="initial learning rate (default: 0.03; BYOL/SimCLR presets scale it with the batch)")
     g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="sgd (default), lars, or adamw")
@@ -176,8 +182,9 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
     out.demo = demo
     out.output_dir = out.output_dir or default_run_folder(out.method, out.arch, out.data)
     out.data = str(DEMO_ROOT) if demo else out.data
-    check_numbers(out, positive=("epochs", "batch_size", "lr", "image_size", "moco_dim", "moco_k", "moco_t", "mlp_dim",
-                                 "bn_splits", "print_freq", "save_freq", "save_every_epochs", "knn_k", "knn_t", "knn_subset", "lars_eta"),
+    check_numbers(out, positive=("epochs", "batch_size", "accum_iter", "micro_batch", "lr", "image_size", "moco_dim",
+                                 "moco_k", "moco_t", "mlp_dim", "bn_splits", "print_freq", "save_freq", "save_every_epochs",
+                                 "knn_k", "knn_t", "knn_subset", "lars_eta"),
                   non_negative=("workers", "wd", "momentum", "warmup_epochs", "save_every_steps", "knn_every",
                                 "start_epoch", "schedule"), fractions=("moco_m",))
     return out
@@ -185,10 +192,15 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
 
 def build(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs and build data, model and optimizer. Raises one of INPUT_ERRORS on bad input."""
-    local_batch = per_process_batch(args.batch_size, dist_info.world_size)
+    args.accum_iter, local_batch = micro_batches(args.batch_size, dist_info.world_size, args.accum_iter,
+                                                 args.micro_batch)
     # SyncBatchNorm needs a process group, and in one process is BatchNorm: without a group the
     # run trains, and records, plain BN (a byol/simclr preset on a laptop).
     args.sync_bn = bool(args.sync_bn and dist_info.distributed)
+    if args.sync_bn and args.accum_iter > 1:
+        raise UsageError(f"--sync-bn normalises over the whole global batch, which {args.accum_iter} micro-batches never "
+                         "see at once: add --no-sync-bn (each micro-batch then normalises as one GPU's, and the run "
+                         f"equals {dist_info.world_size * args.accum_iter} processes without SyncBN)")
     if args.sync_bn and dist_info.world_size > 1 and (dist_info.device.type != "cuda" or dist_info.backend == "gloo"):
         raise UsageError("--sync-bn (the byol and simclr presets' cross-replica BatchNorm) needs CUDA devices and NCCL; "
                          "with gloo processes add --no-sync-bn (per-process BatchNorm), or train in one process, "
@@ -198,7 +210,8 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     data_dir = args.data if fashion_mnist_root(args.data) else resolve_split_dir(args.data, "train")
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
-                                       channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32)
+                                       channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32,
+                                       accum=args.accum_iter)
     args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.resume.run_definition)
     configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
@@ -248,9 +261,11 @@ def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | Non
             logger.warning("unreadable image: %s (%s)", path, reason)
         logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
     steps = pipeline.sampler.steps_per_epoch
+    # Every micro-batch draws from its own random stream, as a process of W x K would (selfsup.rng).
+    streams = MicroStreams(args.accum_iter) if args.accum_iter > 1 else None
     start = error = None
     try:
-        start = resume(model, optimizer, scaler, args, dist_info, steps)
+        start = resume(model, optimizer, scaler, args, dist_info, steps, streams)
     except INPUT_ERRORS as e:
         error = e
     if agree_on_error(error, dist_info):
@@ -259,9 +274,10 @@ def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | Non
     write_json(output_dir / "run.json", run_definition(vars(args)), dist_info)
     logger.info("%s%s", "No data folder given: training on the embedded demo (" if args.demo else "Data: ",
                 pipeline.description + (")." if args.demo else ""))
-    logger.info("%s %s, %d process(es) on %s%s, global batch %d, lr %.4g (%s), %d epochs -> %s", args.method,
-                args.arch, dist_info.world_size, dist_info.device, f" ({dist_info.backend})" if dist_info.backend else "",
-                args.batch_size, args.lr, args.optimizer, args.epochs, output_dir)
+    logger.info("%s %s, %d process(es) on %s%s, %s, lr %.4g (%s), %d epochs -> %s", args.method, args.arch,
+                dist_info.world_size, dist_info.device, f" ({dist_info.backend})" if dist_info.backend else "",
+                batch_line(args.batch_size, dist_info.world_size, args.accum_iter), args.lr, args.optimizer,
+                args.epochs, output_dir)
     if start["epoch"] >= args.epochs:
         logger.info("%s already holds a finished run of %d epochs; nothing to do (raise --epochs to train more, "
                     "or use another --output-dir).", output_dir, args.epochs)
@@ -274,12 +290,12 @@ def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | Non
     ctx = StepContext(epochs=args.epochs, steps_per_epoch=steps, base_lr=args.lr, cos=args.cos,
                       schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
                       print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info,
-                      stop=stop or StopRequest(announce=dist_info.is_main),
+                      stop=stop or StopRequest(announce=dist_info.is_main), acc=Accumulation(args.accum_iter, streams),
                       scalars=lambda values, step: metrics.scalars(values, step, "pretrain_step/"))
     try:
         # The key/target network has requires_grad=False, so DDP ignores it: no unused parameters.
         return fit(wrap_ddp(model, dist_info, sync_buffers=False), optimizer, scaler, pipeline, ctx,
-                   Checkpointer(output_dir, dist_info, state), metrics, start_epoch=start["epoch"],
+                   Checkpointer(output_dir, dist_info, state, streams=streams), metrics, start_epoch=start["epoch"],
                    start_step=start["step"], meter_state=start["meters"], monitor=monitor, knn_every=args.knn_every,
                    save_freq=args.save_freq, save_every_steps=args.save_every_steps,
                    save_every_epochs=args.save_every_epochs)

@@ -50,19 +50,19 @@ engine.train_one_epoch = train_one_epoch  # what engine.fit calls
 if kind == "nan":
     calls = {"n": 0}
 
-    def with_nan(forward):
-        def forward_with_nan(self, x1, x2, return_loss=False):
-            out = forward(self, x1, x2, return_loss)
-            if return_loss:  # a training step
+    def with_nan(objective):
+        def objective_with_nan(self, views, plan, j):
+            out, loss = objective(self, views, plan, j)
+            if j == 0:  # an optimizer step
                 calls["n"] += 1
-                if here and calls["n"] == n:
-                    return out * float("nan")
-            return out
+            if here and calls["n"] == n:
+                return out * float("nan"), loss * float("nan")
+            return out, loss
 
-        return forward_with_nan
+        return objective_with_nan
 
     for method in METHODS.values():
-        method.forward = with_nan(method.forward)
+        method.objective = with_nan(method.objective)
 
 if __name__ == "__main__":
     sys.exit(main_pretrain.cli(sys.argv[1:]))

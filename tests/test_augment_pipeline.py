@@ -156,8 +156,11 @@ def test_batched_crops_take_each_sample_from_its_own_image():
 
 
 def record(pipeline, epoch: int, start: int = 0) -> list[list[torch.Tensor]]:
+    """Every step's views (one micro-batch: no --accum-iter)."""
     pipeline.sampler.set_epoch(epoch, start)
-    return [pipeline.views(views, epoch, start + i) for i, (views, _, _) in enumerate(pipeline.loader)]
+    steps = [pipeline.views(views, epoch, start + i) for i, (views, _, _) in enumerate(pipeline.loader)]
+    assert all(len(micro) == 1 for micro in steps)
+    return [micro[0] for micro in steps]
 
 
 def test_memory_pipeline_resumes_exactly_in_the_main_process_or_in_workers():
@@ -233,7 +236,7 @@ def test_colour_in_the_workers_equals_colour_on_the_device(tmp_path):
     crops = TwoCropsDataset(samples, preset, 24)
     augment = TwoViewAugment(preset, 24)
     key = (3, 5, [(i, 100 + i) for i in range(6)])
-    in_workers = TwoCropsBatches(crops, augment, seed=9, rank=1)[key][0]
+    in_workers = TwoCropsBatches(crops, augment, seed=9, rank=1)[key][0][0]  # its one micro-batch
     uint8 = TwoCropsBatches(crops)[key][0]
     on_device = augment(uint8, augment_generator(9, 3, 5, 1))
     assert uint8[0].dtype == torch.uint8

@@ -307,7 +307,7 @@ def test_a_training_step_waits_for_the_gpu_only_at_its_event():
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, batches, lambda v, e, s: v, opt, torch.amp.GradScaler("cuda", enabled=False), 0,
+            train_one_epoch(model, batches, lambda v, e, s: [v], opt, torch.amp.GradScaler("cuda", enabled=False), 0,
                             0, ctx, lambda done, meters: counts.append(len(caught)))
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -50,7 +50,7 @@ def test_a_step_reads_one_value_from_the_device(method, monkeypatch):
     per_step = []
     after = lambda steps_done, meters: per_step.append(len(reads))  # noqa: E731
     steps = 6
-    train_one_epoch(model, fake_loader(steps), lambda v, e, s: v, optimizer,
+    train_one_epoch(model, fake_loader(steps), lambda v, e, s: [v], optimizer,
                     torch.amp.GradScaler("cpu", enabled=False), 0, 0, context(method, steps), after)
     monkeypatch.undo()
     counts = np.diff([0, *per_step]).tolist()

@@ -68,7 +68,7 @@ def _copy_of(cls, **changes):
     itself, so that nothing is inherited from `cls`."""
     pieces = {k: v for k, v in vars(cls).items()
               if k in ("name", "defaults", "flag_options", "presets", "demo", "linear", "run_defining", "networks",
-                       "__init__", "forward")}
+                       "__init__", "prepare", "objective", "finish", "forward")}
     pieces.update(changes)
     return type("Copy", (Method,), {k: v for k, v in pieces.items() if v is not None})
 
@@ -80,7 +80,7 @@ def _copy_of(cls, **changes):
     ({"demo": None}, "no `demo`"),
     ({"linear": None}, "no `linear`"),
     ({"run_defining": None}, "no `run_defining`"),
-    ({"forward": None}, "no `forward`"),
+    ({"objective": None}, "no `objective`"),
     ({"linear": {k: v for k, v in METHODS["simclr"].linear.items() if k != "source"}}, "lacks source"),
     ({"linear": {k: v for k, v in METHODS["simclr"].linear.items() if k != "lr_per_256"}}, "lacks lr or lr_per_256"),
     ({"presets": {"simclr": METHODS["simclr"].presets["simclr"]}}, "no small-image preset `small-simclr`"),

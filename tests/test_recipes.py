@@ -53,9 +53,9 @@ class _Recorder(BYOL):
         super().__init__(tiny_encoder, dim=8, hidden_dim=16, m=0.99)
         self.box, self.seen = optimizer_box, []
 
-    def forward(self, x1, x2, return_loss=True):
+    def prepare(self, micro, acc):  # once per optimizer step
         self.seen.append((self.box[0].param_groups[0]["lr"], self.m))
-        return super().forward(x1, x2, return_loss)
+        return super().prepare(micro, acc)
 
 
 def test_the_engine_sets_the_schedules_at_every_step():
@@ -69,7 +69,7 @@ def test_the_engine_sets_the_schedules_at_every_step():
     for epoch in range(epochs):
         batches = [([torch.randn(n, 3, 8, 8, generator=g) for _ in range(2)], torch.zeros(n), torch.zeros(n))
                    for _ in range(steps)]
-        train_one_epoch(model, batches, lambda v, e, s: v, box[0], torch.amp.GradScaler("cpu", enabled=False),
+        train_one_epoch(model, batches, lambda v, e, s: [v], box[0], torch.amp.GradScaler("cpu", enabled=False),
                         epoch, 0, ctx)
     assert len(model.seen) == steps * epochs
     for i, (lr, m) in enumerate(model.seen):

@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))  # the clone's root, for _bootstrap
 import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 
 import benchmark  # noqa: E402
+import benchmark_accum  # noqa: E402
 from fmnist_benchmark import NAMES as METHOD_NAMES  # noqa: E402
 from selfsup import recipes  # noqa: E402
 from selfsup.backbones import flag_options as backbone_flag_options  # noqa: E402
@@ -110,6 +111,10 @@ BENCH_HOST_WAITS = 1
 # The whole input pipeline (workers decoding JPEGs, colour on the GPU, the step) >= 80% of the bare
 # bf16 step: docs/PERFORMANCE.md's target for the GPU pipeline.
 BENCH_PIPELINE_VS_STEP = 0.8
+# --accum-iter 4 at a fixed global batch (tools/benchmark_accum.py): SimCLR's peak memory at most
+# 0.75x K = 1's (activations ~ 1/K), its step at most 1.4x (the cache's extra forward pass).
+BENCH_ACCUM_MEMORY = 0.75
+BENCH_ACCUM_TIME = 1.4
 # The pipeline is timed after its start-up: each of W workers makes a whole batch before the first
 # step, so an epoch of 5 W batches is timed over its last 3 W.
 PIPELINE_BATCHES_PER_WORKER, PIPELINE_WARMUP_PER_WORKER = 5, 2
@@ -325,6 +330,19 @@ def bench(checks: Checks, out: Path, device: torch.device, dry_run: bool, budget
         bench_row(checks, f"host waits per step of train_one_epoch ({'CUDA syncs' if gpu else 'host reads'}, "
                   f"steps 1-{len(waits)}): {waits}", same, "==", BENCH_HOST_WAITS, "", time.perf_counter() - t0, True)
         del model, optimizer
+
+    # --accum-iter: SimCLR (the cache's extra forward pass) at a fixed global batch, K = 1 and 4
+    acc_arch, acc_size, acc_batch, acc_steps = ("resnet18", 32, 16, 2) if dry_run else ("resnet50", 224, 128, 3)
+    if fits("accumulation", 20):
+        t0 = time.perf_counter()
+        one, four = (benchmark_accum.measure("simclr", k, acc_arch, acc_size, acc_batch, acc_steps, device)
+                     for k in (1, 4))
+        figures.update(accum_k1=one, accum_k4=four)
+        what = f"SimCLR {acc_arch} {acc_size}px global batch {acc_batch}, --accum-iter 4 against 1:"
+        bench_row(checks, f"{what} peak memory {four['peak_mib']:.0f} MiB = {four['peak_mib'] / one['peak_mib']:.2f}x",
+                  four["peak_mib"] / one["peak_mib"], "<=", BENCH_ACCUM_MEMORY, "x", time.perf_counter() - t0, gpu)
+        bench_row(checks, f"{what} {four['step_s']:.3f} s a step = {four['step_s'] / one['step_s']:.2f}x",
+                  four["step_s"] / one["step_s"], "<=", BENCH_ACCUM_TIME, "x", 0.0, gpu)
 
     if fits("input pipeline", 25):
         t0 = time.perf_counter()

@@ -475,36 +475,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-@torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle a batch across all processes for shuffle BN (MoCo, Sec. 3.3).
-
-    Returns this process's share of a random permutation of the global batch and the index that
-    undoes it. x: N x ... -> (N x ..., idx_unshuffle of length world_size * N). The permutation is
-    drawn on rank 0 and broadcast so every process agrees. At world size 1: (x, arange(N)).
-    """
-    world_size = get_world_size()
-    n = x.shape[0]
-    if world_size == 1:
-        return x, torch.arange(n, device=x.device)
-    x_all = concat_all_gather(x)
-    perm = broadcast(torch.randperm(x_all.shape[0], device=x.device), src=0)
-    idx_unshuffle = torch.argsort(perm)
-    rank = get_rank()
-    return x_all[perm.view(world_size, n)[rank]], idx_unshuffle
-
-
-@torch.no_grad()
-def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """Undo `batch_shuffle`: each process gets back the rows of its original samples."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return x[idx_unshuffle]
-    n = x.shape[0]
-    x_all = concat_all_gather(x)
-    return x_all[idx_unshuffle.view(world_size, n)[get_rank()]]
-
-
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over processes (a copy, on `x`'s device); identity without a process group."""
     if not is_dist_initialized():

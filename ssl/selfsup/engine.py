@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .accumulation import Accumulation
 from .backbones import check_record, record
 from .checkpoint import CheckpointError
 from .errors import UsageError
@@ -30,7 +31,7 @@ from .networks import unwrap
 from .optim import learning_rate, set_lr
 from .resume import (Checkpointer, check_same_run, is_data_id, read_checkpoint, restore_run_state, run_definition,
                      run_state)
-from .rng import preserved
+from .rng import MicroStreams, preserved
 from .stopping import NonFiniteLossError, StopRequest, signal_name
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class StepContext:
     global_batch: int
     dist: DistInfo
     stop: StopRequest = field(default_factory=StopRequest)
+    # --accum-iter: each step's micro-batches (selfsup.accumulation); K = 1 without it.
+    acc: Accumulation = field(default_factory=Accumulation)
     # Called on rank 0 at every printed step with that step's figures and the global step
     # (MetricsWriter.scalars: TensorBoard curves finer than one point per epoch).
     scalars: Callable[[dict, int], None] | None = None
@@ -127,27 +130,43 @@ def _set_schedules(core: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepC
     return lr, core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
 
 
-def _optimizer_step(model: nn.Module, views, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    ctx: StepContext, skipped: int, epoch: int, step: int) -> tuple[torch.Tensor, float, float]:
-    """Loss, backward pass and optimizer step; returns (loss, unreadable files skipped over all
+def _optimizer_step(model: nn.Module, micro: list[list[torch.Tensor]], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, ctx: StepContext, skipped: int, epoch: int,
+                    step: int) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step over this process's micro-batches (`micro`: K lists of views): the
+    method's `prepare` for all of them, each one's objective through DDP's wrapper and its
+    backward pass (scaled by 1/K; DDP all-reduces with the last), the method's `finish`, the
+    optimizer step. Returns (the micro-batches' mean loss, unreadable files skipped over all
     processes, stop requested). The one wait of the step is for the fused flags of `_step_flags`,
-    read after the backward pass has been queued. Raises NonFiniteLossError, on every process,
-    before a non-finite step is applied."""
-    with autocast(ctx.dist.device, ctx.amp):
-        loss = model(views[0], views[1], return_loss=True)  # through DDP, which must see this call
-    flags = _to_host_async(all_reduce_sum(_step_flags(loss, ctx.stop.requested, skipped)))
+    read after the last backward pass has been queued. Raises NonFiniteLossError, on every
+    process, before a non-finite step is applied."""
+    core, acc, k = unwrap(model), ctx.acc, len(micro)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    non_finite, stop, skipped_sum = flags()  # the step's one wait: for the forward pass and the sum
+    with torch.no_grad(), autocast(ctx.dist.device, ctx.amp):
+        plan = core.prepare(micro, acc)
+    losses = []
+    for j, views in enumerate(micro):
+        last = j == k - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, acc.micro(j, core):
+            with autocast(ctx.dist.device, ctx.amp):
+                objective, loss = model(*views, plan=plan, micro=j)  # through DDP, which must see this call
+            losses.append(loss)
+            if last:
+                mean = losses[0] if k == 1 else torch.stack(losses).mean()
+                flags = _to_host_async(all_reduce_sum(_step_flags(mean, ctx.stop.requested, skipped)))
+            scaler.scale(objective if k == 1 else objective / k).backward()
+    core.finish(plan)
+    non_finite, stop, skipped_sum = flags()  # the step's one wait: for the forward passes and the sum
     if non_finite:
         raise NonFiniteLossError(
             f"loss is not finite at epoch {epoch}, step {step} (global step {epoch * ctx.steps_per_epoch + step}) "
-            f"on {int(non_finite)} of {ctx.dist.world_size} process(es) (here: {loss.item()}); stopping before "
+            f"on {int(non_finite)} of {ctx.dist.world_size} process(es) (here: {mean.item()}); stopping before "
             "this step is applied. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16."
         )
     scaler.step(optimizer)
     scaler.update()
-    return loss, skipped_sum, stop
+    return mean, skipped_sum, stop
 
 
 def _report_step(ctx: StepContext, epoch: int, step: int, loss: torch.Tensor, meters: EpochMeters, lr: float,
@@ -179,8 +198,8 @@ def train_one_epoch(
 ) -> dict:
     """Train for the rest of epoch `epoch`, from step `start_step`.
 
-    `make_views(batch, epoch, step)` turns the loader's batch into the two views on the device
-    (selfsup.data.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
+    `make_views(batch, epoch, step)` turns the loader's batch into its micro-batches' views on the
+    device (selfsup.data.pipeline). `after_step(steps_done, meter_state)` runs after every optimizer step
     (step checkpoints); `meter_state` from such a checkpoint makes the epoch's averages cover the
     steps before the interruption too. Returns the epoch's averages; `stopped_at` is set when a
     stop signal ended the epoch early. Raises NonFiniteLossError, on every process, before
@@ -204,10 +223,10 @@ def train_one_epoch(
         step = start_step + i
         data_time += time.perf_counter() - end
         lr, momentum = _set_schedules(core, optimizer, ctx, epoch, step)
-        views = make_views(views, epoch, step)
-        loss, skipped_sum, stop = _optimizer_step(model, views, optimizer, scaler, ctx, int(skipped.sum()), epoch,
+        micro = make_views(views, epoch, step)
+        loss, skipped_sum, stop = _optimizer_step(model, micro, optimizer, scaler, ctx, int(skipped.sum()), epoch,
                                                   step)
-        meters.add(loss, views[0].shape[0], int(skipped_sum), core.last_z)
+        meters.add(loss, sum(views[0].shape[0] for views in micro), int(skipped_sum), core.last_z)
         steps_done += 1
         _report_step(ctx, epoch, step, loss, meters, lr, momentum, steps_done, time.perf_counter() - t_start,
                      data_time)
@@ -353,9 +372,9 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
 
 def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, args, dist: DistInfo,
-           steps_per_epoch: int) -> dict:
+           steps_per_epoch: int, streams: MicroStreams | None = None) -> dict:
     """Restore model (queue and target network included), optimizer, scaler, position and random
-    streams from --resume or OUTPUT_DIR/checkpoint.pth.tar, after checking that the checkpoint
+    streams (`streams`: the micro-batches', --accum-iter) from --resume or OUTPUT_DIR/checkpoint.pth.tar, after checking that the checkpoint
     belongs to this run (selfsup.resume.check_same_run). Returns where to continue:
     {"epoch", "step", "meters"}. Raises UsageError / CheckpointError on a checkpoint that cannot."""
     path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth.tar"
@@ -378,7 +397,7 @@ def resume(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp
         raise UsageError(f"checkpoint '{path}' does not fit this model (other --moco-dim/--moco-k/--mlp/--mlp-dim? "
                          "or a SimCLR run whose head lacks the scale-only BatchNorm of SimCLR's code, which cannot "
                          f"continue: start a new run): {str(e).splitlines()[0]} ...") from e
-    restore_run_state(ckpt, dist, optimizer, scaler)
+    restore_run_state(ckpt, dist, optimizer, scaler, streams)
     start = {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "meters": ckpt.get("meters")}
     if start["step"] >= steps_per_epoch:  # a step checkpoint at an epoch's end
         start = {"epoch": start["epoch"] + 1, "step": 0, "meters": None}

@@ -98,9 +98,7 @@ def cached_train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's batches of cached features in the order the image loader would give them
     (the sampler's permutation for the epoch set with `set_epoch`)."""
-    positions = sampler.positions()
-    indices = sampler.permutation()[torch.arange(positions.start, positions.stop, positions.step)]
-    indices = indices.to(features.device)
+    indices = sampler.permutation()[sampler.positions()].to(features.device)
     for start in range(0, len(indices), sampler.batch_size):
         rows = indices[start : start + sampler.batch_size]
         yield features[rows], labels[rows]

@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_gather_with_grad, concat_all_gather, get_rank
+from .distributed import all_gather_with_grad, get_rank
 
 
 def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -53,17 +53,35 @@ def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, distributed
         offset = get_rank() * n
     else:
         z1_all, z2_all, offset = z1, z2, 0
+    return _nt_xent_anchors(torch.cat([z1, z2], dim=0), z1_all, z2_all, offset, temperature)
+
+
+def _nt_xent_anchors(anchors: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, offset: int,
+                     temperature: float) -> torch.Tensor:
+    """NT-Xent's mean over `anchors` (2N x C: rows offset .. offset + N - 1 of z1_all, then the
+    same rows of z2_all), against every other row of the global batch; everything L2-normalised."""
+    n = anchors.shape[0] // 2
     total = z1_all.shape[0]  # W*N
-    anchors = torch.cat([z1, z2], dim=0)  # 2N x C
     candidates = torch.cat([z1_all, z2_all], dim=0)  # 2WN x C
     logits = anchors @ candidates.T / temperature  # 2N x 2WN
 
-    local = torch.arange(n, device=z1.device) + offset  # this process's rows in z1_all
+    local = torch.arange(n, device=anchors.device) + offset  # the anchors' rows in z1_all
     self_idx = torch.cat([local, local + total])  # each anchor's own column
     pos_idx = torch.cat([local + total, local])  # each anchor's other view
-    rows = torch.arange(2 * n, device=z1.device)
+    rows = torch.arange(2 * n, device=anchors.device)
     logits[rows, self_idx] = float("-inf")  # an anchor is never its own negative
     return F.cross_entropy(logits, pos_idx)
+
+
+def nt_xent_of(z1_all: torch.Tensor, z2_all: torch.Tensor, offset: int, n: int, temperature: float) -> torch.Tensor:
+    """NT-Xent's mean over the 2N anchors of one process (rows offset .. offset + N - 1) of a global
+    batch held whole: z1_all, z2_all (W*N) x C, every process's embeddings (not normalised). What
+    `nt_xent(..., distributed=True)` computes on that process; float32 whatever autocast says."""
+    with full_precision(z1_all):
+        z1_all = F.normalize(at_least_fp32(z1_all), dim=1)
+        z2_all = F.normalize(at_least_fp32(z2_all), dim=1)
+        anchors = torch.cat([z1_all[offset:offset + n], z2_all[offset:offset + n]], dim=0)
+        return _nt_xent_anchors(anchors, z1_all, z2_all, offset, temperature)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -76,16 +94,16 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return 2 - 2 * F.cosine_similarity(at_least_fp32(p), at_least_fp32(z), dim=-1)
 
 
-def global_keys_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """moco-v3's contrastive loss: each query against the keys of every process (gathered without
-    gradient), its positive the key of the same image, cross-entropy scaled by 2T.
+def infonce_against(q: torch.Tensor, keys: torch.Tensor, temperature: float, first: int) -> torch.Tensor:
+    """moco-v3's contrastive loss: each query against the keys of every process, its positive the
+    key of the same image, cross-entropy scaled by 2T.
 
-    q: N x C (this process's queries, with gradient), k: N x C (its keys). Computed in float32
-    under autocast. Process r's positives sit at rows r*N .. r*N + N - 1 of the gathered keys.
+    q: N x C (this process's queries, with gradient); keys: (world x N) x C, every process's keys
+    in rank order, L2-normalised, without gradient; `first`: the row of q's first positive (rank x
+    N). Computed in float32 under autocast.
     """
     with full_precision(q):
         q = F.normalize(at_least_fp32(q), dim=1)
-        k = concat_all_gather(F.normalize(at_least_fp32(k.detach()), dim=1))  # (world x N) x C
-        logits = q @ k.T / temperature  # N x (world x N)
-        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()
+        logits = q @ keys.T / temperature  # N x (world x N)
+        labels = torch.arange(q.shape[0], device=q.device) + first
         return F.cross_entropy(logits, labels) * (2 * temperature)

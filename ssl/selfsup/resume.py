@@ -36,7 +36,7 @@ from .errors import UsageError
 from .methods import METHODS
 from .data import fashion_mnist_root
 from .distributed import DistInfo, broadcast_object
-from .rng import gather_rng_states, restore_rng_state
+from .rng import MicroStreams, gather_rng_states, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,10 @@ def read_checkpoint(path: Path, required: bool, dist: DistInfo) -> dict | None:
 
 
 def restore_run_state(ckpt: Mapping[str, Any], dist: DistInfo, optimizer: torch.optim.Optimizer | None = None,
-                      scaler: torch.amp.GradScaler | None = None) -> None:
+                      scaler: torch.amp.GradScaler | None = None, streams: MicroStreams | None = None) -> None:
     """Put back what `run_state` saved: the optimizer and scaler (when given) and this process's
-    random generators (when the number of processes is the same)."""
+    random generators - with `streams`, its K micro-batches' (--accum-iter) - when the checkpoint
+    comes from as many processes, real or virtual (W x K), as this run stands for."""
     if optimizer is not None and ckpt.get("optimizer"):
         # The command's hyperparameters win over the saved ones (the same unless changed on
         # purpose, --accept-changes); the learning rate is the schedule's, set at every step.
@@ -146,11 +147,16 @@ def restore_run_state(ckpt: Mapping[str, Any], dist: DistInfo, optimizer: torch.
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng")
-    if rng and len(rng) == dist.world_size:
-        restore_rng_state(rng[dist.rank])
+    k = streams.k if streams is not None else 1
+    if rng and len(rng) == dist.world_size * k:
+        mine = rng[dist.rank * k:(dist.rank + 1) * k]
+        if streams is not None:
+            streams.restore(mine)
+        else:
+            restore_rng_state(mine[0])
     elif rng:
-        logger.warning("checkpoint from %d process(es), now %d: random streams restart (resume is not bitwise)",
-                       len(rng), dist.world_size)
+        logger.warning("checkpoint from %d process(es), now %d%s: random streams restart (resume is not bitwise)",
+                       len(rng), dist.world_size * k, f" ({dist.world_size} x {k} micro-batches)" if k > 1 else "")
     warn_if_not_bitwise(ckpt, dist)
 
 
@@ -263,12 +269,13 @@ class Checkpointer:
     `save` - their random states are gathered, a collective - and rank 0 writes, atomically.
     """
 
-    def __init__(self, folder: Path, dist: DistInfo, state: Callable[..., dict], name: str = "checkpoint.pth.tar"):
-        self.folder, self.dist, self.state = Path(folder), dist, state
+    def __init__(self, folder: Path, dist: DistInfo, state: Callable[..., dict], name: str = "checkpoint.pth.tar",
+                 streams: MicroStreams | None = None):
+        self.folder, self.dist, self.state, self.streams = Path(folder), dist, state, streams
         self.latest = self.folder / name
 
     def save(self, *copies: str, **position: Any) -> None:
-        rng = gather_rng_states()
+        rng = gather_rng_states(self.streams)
         if not self.dist.is_main:
             return
         state = self.state(rng=rng, **position)

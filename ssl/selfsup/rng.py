@@ -125,10 +125,67 @@ def capture_rng_state(cuda: CudaGenerators = CUDA) -> dict:
     return state
 
 
-def gather_rng_states() -> list[dict]:
+def gather_rng_states(streams: "MicroStreams | None" = None) -> list[dict]:
     """Every process's `capture_rng_state()`, in rank order (a collective on every process), so
-    rank 0 can store them all in one checkpoint."""
-    return all_gather_objects(capture_rng_state())
+    rank 0 can store them all in one checkpoint. With `streams` (--accum-iter K) each process
+    gives its K micro-batches' streams: the list is then in the order of the W x K processes the
+    run stands for, as such a run would save it."""
+    mine = streams.captures() if streams is not None else [capture_rng_state()]
+    return [state for states in all_gather_objects(mine) for state in states]
+
+
+class MicroStreams:
+    """The random streams of a process's K micro-batches (--accum-iter K): micro-batch j draws from
+    the stream process r*K + j of a run of W x K processes would draw from, so that what a method
+    draws inside a step (MoCo's shuffle-BN permutations, DINO's drop path) is the same for any
+    split of the virtual processes into real ones.
+
+    Every process of a run seeds its generators alike before building the model, so at the start
+    all K streams equal the live one. Stream 0 is the process's live generators; `slot(j)` swaps
+    stream j in for a block (torch's CPU generator and, once CUDA has started, this process's CUDA
+    generator: the ones a model's operations draw from). `captures()` and `restore()` carry all K
+    through a checkpoint (gather_rng_states)."""
+
+    def __init__(self, k: int, cuda: CudaGenerators = CUDA) -> None:
+        self.k, self.cuda = k, cuda
+        self._states = [None] + [self._capture() for _ in range(1, k)]
+
+    def _capture(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        index = self.cuda.in_use()
+        if index is not None:
+            state["cuda"] = self.cuda.get_state(index)
+        return state
+
+    def _set(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        index = self.cuda.in_use()
+        if index is not None and state.get("cuda") is not None:
+            self.cuda.set_state(state["cuda"], index)
+
+    @contextlib.contextmanager
+    def slot(self, j: int):
+        """A block that draws from micro-batch j's stream (stream 0: the live generators as they are)."""
+        if j == 0:
+            yield
+            return
+        live = self._capture()
+        self._set(self._states[j])
+        try:
+            yield
+        finally:
+            self._states[j] = self._capture()
+            self._set(live)
+
+    def captures(self) -> list[dict]:
+        """The K streams as `capture_rng_state()` would give them in K processes."""
+        live = capture_rng_state(self.cuda)
+        return [live] + [{**live, **state} for state in self._states[1:]]
+
+    def restore(self, states: list[dict]) -> None:
+        """Set the K streams from `captures()`'s output (the live generators from the first)."""
+        restore_rng_state(states[0], self.cuda)
+        self._states = [None] + [{k: v for k, v in state.items() if k in ("torch", "cuda")} for state in states[1:]]
 
 
 def restore_rng_state(state: dict, cuda: CudaGenerators = CUDA) -> None:

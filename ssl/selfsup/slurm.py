@@ -39,7 +39,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from .cli import default_workers, per_process_batch, report
+from .accumulation import micro_batches
+from .cli import default_workers, report
 from .errors import INPUT_ERRORS, UsageError
 from .distributed import job_port, launch_env
 from .stopping import StopRequest, signal_name
@@ -226,7 +227,8 @@ def prepare(script: ModuleType, argv: list[str]) -> tuple[argparse.Namespace, ar
         raise UsageError("--job-dir and --output-dir name two folders: give --job-dir alone, the job writes there")
     args.output_dir = launcher.job_dir = str(Path(launcher.job_dir or args.output_dir).resolve())
     if getattr(args, "batch_size", None) is not None:
-        per_process_batch(args.batch_size, launcher.nodes * launcher.ngpus)
+        micro_batches(args.batch_size, launcher.nodes * launcher.ngpus, getattr(args, "accum_iter", None),
+                      getattr(args, "micro_batch", None))
     return launcher, args
 
 

@@ -146,8 +146,7 @@ class IndexBatchLoader:
         self.labels = labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        positions = self.sampler.positions()
-        index = self.sampler.permutation()[torch.arange(positions.start, positions.stop, positions.step)]
+        index = self.sampler.permutation()[self.sampler.positions()]
         zeros = torch.zeros(self.sampler.batch_size, dtype=torch.long)
         for batch in index.split(self.sampler.batch_size):
             yield batch, self.labels[batch], zeros

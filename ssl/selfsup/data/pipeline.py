@@ -1,9 +1,9 @@
 """How pretraining batches reach the model: dataset, sampler, loader, and the views on the device.
 
 `build_pretrain_pipeline` (over an image folder, or Fashion-MNIST's idx files) returns a
-`Pipeline` whose loader yields `(batch, labels, skipped)`
-and whose `views(batch, epoch, step)` turns a batch into the two normalised views the model
-takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
+`Pipeline` whose loader yields `(batch, labels, skipped)` and whose `views(batch, epoch, step)`
+turns a batch into its micro-batches (one without --accum-iter), each the list of normalised
+views the model takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
 
 * reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
   `views` only copies.
@@ -17,7 +17,8 @@ takes, on the training device. The data paths (docs/PERFORMANCE.md), by backend:
 
 Every path keeps exact resume: the data order comes from ResumableDistributedSampler, the
 workers' randomness from its per-sample seeds, the batched augmentation's from (seed, epoch,
-step, rank) - so a view is the same whether a worker or the main process makes it.
+step, rank) - so a view is the same whether a worker or the main process makes it. With
+--accum-iter K, micro-batch j of rank r is augmented as virtual rank r*K + j (selfsup.accumulation).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ AUTO_MEMORY_MAX_BYTES = 2 << 30
 class Pipeline:
     loader: Iterable
     sampler: ResumableDistributedSampler
-    views: Callable[..., list[torch.Tensor]]  # (batch, epoch, step) -> [view1, view2] on the device
+    views: Callable[..., list[list[torch.Tensor]]]  # (batch, epoch, step) -> micro-batches of [view1, view2]
     num_images: int
     description: str
     backend: str = "reference"
@@ -79,21 +80,33 @@ def arrays_id(data: InMemoryImages) -> str:
     return f"{len(data)} images, {len(set(data.labels.tolist()))} labels, arrays {h.hexdigest()[:16]}"
 
 
-def _copied(device: torch.device, channels_last: bool) -> Callable[..., list[torch.Tensor]]:
-    """`views` for batches whose views are ready: copy them to the device."""
+def split_micro(views: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
+    """A batch's views (N x ... each) as its k micro-batches' views (N/k x ... each, in order)."""
+    return [list(part) for part in zip(*(v.chunk(k) for v in views))] if k > 1 else [list(views)]
+
+
+def copied_views(device: torch.device, channels_last: bool, k: int = 1) -> Callable[..., list[list[torch.Tensor]]]:
+    """`views` for batches whose views are ready - the whole batch's (then split into k
+    micro-batches) or already each micro-batch's: copy them to the device."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def views(batch: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
-        return [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch]
+    def views(batch: list, epoch: int, step: int) -> list[list[torch.Tensor]]:
+        micro = split_micro(batch, k) if isinstance(batch[0], torch.Tensor) else batch
+        return [[v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in part]
+                for part in micro]
 
     return views
 
 
-def _augmented(augment: TwoViewAugment, device: torch.device, seed: int, rank: int) -> Callable[..., list[torch.Tensor]]:
-    """`views` for uint8 crops: the batched colour half on the device."""
+def _augmented(augment: TwoViewAugment, device: torch.device, seed: int, rank: int,
+               k: int = 1) -> Callable[..., list[list[torch.Tensor]]]:
+    """`views` for uint8 crops: the batched colour half on the device, micro-batch j as virtual rank
+    rank*k + j."""
 
-    def views(batch: list[torch.Tensor], epoch: int, step: int) -> list[torch.Tensor]:
-        return augment([v.to(device, non_blocking=True) for v in batch], augment_generator(seed, epoch, step, rank))
+    def views(batch: list[torch.Tensor], epoch: int, step: int) -> list[list[torch.Tensor]]:
+        return [augment([v.to(device, non_blocking=True) for v in part],
+                        augment_generator(seed, epoch, step, rank * k + j))
+                for j, part in enumerate(split_micro(batch, k))]
 
     return views
 
@@ -124,29 +137,31 @@ def build_memory_pipeline(
     out_dtype: torch.dtype = torch.float32,
     description: str = "",
     data_id: str = "",
+    accum: int = 1,
 ) -> Pipeline:
     """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
     numpy arrays); crop, flip and colour all run batched on `dist.device`.
 
-    `batch_size` is the per-process batch. Each process holds the whole dataset (on its device).
-    On a CPU-only run with `workers` > 0 the batches are augmented in that many loader workers
-    instead, overlapping with the training step (same views).
+    `batch_size` is the per-process batch (`accum` micro-batches). Each process holds the whole
+    dataset (on its device). On a CPU-only run with `workers` > 0 the batches are augmented in
+    that many loader workers instead, overlapping with the training step (same views).
     """
-    sampler = ResumableDistributedSampler(len(data), batch_size, dist.world_size, dist.rank, seed=seed)
+    sampler = ResumableDistributedSampler(len(data), batch_size, dist.world_size, dist.rank, seed=seed, accum=accum)
     augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
                              channels_last=channels_last).to(dist.device)
     if dist.device.type == "cpu" and workers > 0:
-        loader = training_loader(InMemoryBatches(data, augment, seed, dist.rank), StepBatchSampler(sampler),
+        loader = training_loader(InMemoryBatches(data, augment, seed, dist.rank, accum), StepBatchSampler(sampler),
                                  batch_size=None, workers=workers, seed=seed, pin_memory=False)
-        views = _copied(dist.device, channels_last)
+        views = copied_views(dist.device, channels_last)
         where = f"in {workers} worker(s)"
     else:
         loader = IndexBatchLoader(sampler, data.labels)
         on_device = data.to(dist.device)
 
-        def views(indices: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
-            g = augment_generator(seed, epoch, step, dist.rank)
-            return augment.forward_from_images(on_device.images[host_to(indices, dist.device)], g)
+        def views(indices: torch.Tensor, epoch: int, step: int) -> list[list[torch.Tensor]]:
+            return [augment.forward_from_images(on_device.images[host_to(part, dist.device)],
+                                                augment_generator(seed, epoch, step, dist.rank * accum + j))
+                    for j, part in enumerate(indices.chunk(accum))]
 
         where = f"on {dist.device}"
     c, h, w = data.image_shape
@@ -170,11 +185,13 @@ def build_pretrain_pipeline(
     backend: str = "reference",
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    accum: int = 1,
 ) -> Pipeline:
     """The pretraining data path over the images of `data_dir` (class folders or flat).
 
-    `batch_size` is the per-process batch; `backend` one of AUG_BACKENDS; `out_dtype` the dtype of
-    the views the batched and memory backends return (e.g. torch.bfloat16 under bf16 autocast).
+    `batch_size` is the per-process batch, `accum` its micro-batches (--accum-iter); `backend` one
+    of AUG_BACKENDS; `out_dtype` the dtype of the views the batched and memory backends return
+    (e.g. torch.bfloat16 under bf16 autocast).
     """
     if backend not in AUG_BACKENDS:
         raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(AUG_BACKENDS)}")
@@ -183,7 +200,7 @@ def build_pretrain_pipeline(
         x, y = load_fashion_mnist(fmnist, "train")
         return build_memory_pipeline(InMemoryImages(x, y, FASHION_MNIST_CLASSES), aug=aug, image_size=image_size,
                                      batch_size=batch_size, dist=dist, seed=seed, workers=workers,
-                                     channels_last=channels_last, out_dtype=out_dtype,
+                                     channels_last=channels_last, out_dtype=out_dtype, accum=accum,
                                      description=f"Fashion-MNIST training set ({len(x)} images) from {fmnist}")
     samples, classes = find_samples(data_dir)
     what = f"{len(samples)} images ({len(classes) or 'no'} classes) from {data_dir}"
@@ -201,15 +218,15 @@ def build_pretrain_pipeline(
         else:
             return build_memory_pipeline(data, aug=aug, image_size=image_size, batch_size=batch_size, dist=dist,
                                          seed=seed, workers=workers, channels_last=channels_last, out_dtype=out_dtype,
-                                         description=what, data_id=files_id(samples, data_dir))
+                                         description=what, data_id=files_id(samples, data_dir), accum=accum)
 
-    sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed)
+    sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed, accum=accum)
     pin = dist.device.type == "cuda"
     if backend == "reference":
         dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
         loader = training_loader(dataset, sampler, batch_size=batch_size, workers=workers, seed=seed, pin_memory=pin,
                                  drop_last=True)
-        views = _copied(dist.device, channels_last)
+        views = copied_views(dist.device, channels_last, accum)
         how = f"reference per-image pipeline in {workers} worker(s)"
     else:
         preset = get_preset(aug, image_size)
@@ -217,12 +234,12 @@ def build_pretrain_pipeline(
         crops = TwoCropsDataset(samples, preset, image_size, classes)
         if dist.device.type == "cpu":
             # No accelerator: the batched colour half runs in the workers, next to the crops.
-            batches = TwoCropsBatches(crops, augment, seed, dist.rank)
-            views = _copied(dist.device, channels_last)
+            batches = TwoCropsBatches(crops, augment, seed, dist.rank, accum)
+            views = copied_views(dist.device, channels_last)
             how = f"decode + crops + batched colour in {workers} worker(s)"
         else:
             batches = TwoCropsBatches(crops)
-            views = _augmented(augment.to(dist.device), dist.device, seed, dist.rank)
+            views = _augmented(augment.to(dist.device), dist.device, seed, dist.rank, accum)
             how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
         loader = training_loader(batches, StepBatchSampler(sampler), batch_size=None, workers=workers, seed=seed,
                                  pin_memory=pin)
@@ -240,14 +257,15 @@ class TwoCropsBatches(torch.utils.data.Dataset):
     (sampler.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
 
     With `augment`, the batched colour half runs here too, with the generator the device would
-    use for that step (augment_generator(seed, epoch, step, rank)): what a CPU-only run does, so
-    that the colour work stays in the loader workers, in parallel with the training step, at the
-    batched cost per image. Without it the views stay uint8 for the device.
+    use for that step (augment_generator(seed, epoch, step, rank), micro-batch j of `accum` as
+    virtual rank rank*accum + j), and the views come as each micro-batch's: what a CPU-only run
+    does, so that the colour work stays in the loader workers, in parallel with the training step,
+    at the batched cost per image. Without it the views stay uint8 for the device.
     """
 
     def __init__(self, dataset: TwoCropsDataset, augment: TwoViewAugment | None = None, seed: int = 0,
-                 rank: int = 0) -> None:
-        self.dataset, self.augment, self.seed, self.rank = dataset, augment, seed, rank
+                 rank: int = 0, accum: int = 1) -> None:
+        self.dataset, self.augment, self.seed, self.rank, self.accum = dataset, augment, seed, rank, accum
 
     def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
         epoch, step, items = key
@@ -256,25 +274,27 @@ class TwoCropsBatches(torch.utils.data.Dataset):
         labels = torch.tensor([o[1] for o in out])
         skipped = torch.tensor([o[2] for o in out])
         if self.augment is not None:
-            views = self.augment(views, augment_generator(self.seed, epoch, step, self.rank))
+            views = [self.augment(part, augment_generator(self.seed, epoch, step, self.rank * self.accum + j))
+                     for j, part in enumerate(split_micro(views, self.accum))]
         return views, labels, skipped
 
 
 class InMemoryBatches(torch.utils.data.Dataset):
     """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
-    keys (sampler.StepBatchSampler): `([view1, view2], labels, skipped)`.
+    keys (sampler.StepBatchSampler): `(micro-batches of [view1, view2], labels, skipped)`.
 
     What a CPU-only run's loader workers make, so that the augmentation overlaps with the
-    training step; the generator is the one the device would use for that step, so the views
+    training step; the generators are the ones the device would use for that step, so the views
     are those of `build_memory_pipeline(...).views`.
     """
 
-    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int) -> None:
-        self.data, self.augment, self.seed, self.rank = data, augment, seed, rank
+    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int, accum: int = 1) -> None:
+        self.data, self.augment, self.seed, self.rank, self.accum = data, augment, seed, rank, accum
 
     def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
         epoch, step, items = key
         index = torch.tensor([i for i, _ in items])
-        views = self.augment.forward_from_images(self.data.images[index],
-                                                 augment_generator(self.seed, epoch, step, self.rank))
+        views = [self.augment.forward_from_images(self.data.images[part],
+                                                  augment_generator(self.seed, epoch, step, self.rank * self.accum + j))
+                 for j, part in enumerate(index.chunk(self.accum))]
         return views, self.data.labels[index], torch.zeros(len(index), dtype=torch.long)

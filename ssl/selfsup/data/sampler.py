@@ -27,6 +27,10 @@ class ResumableDistributedSampler(Sampler):
     takes positions r, r + W, r + 2W, ...). Global step s therefore holds positions
     [s * B, (s + 1) * B) of the permutation for any number of processes W with the same global
     batch B, and each sample's seed depends on (seed, epoch, position) only.
+
+    With `accum` K (--accum-iter) the global batch is dealt to W x K virtual processes and rank r
+    takes, step by step, the micro-batches of virtual ranks r*K .. r*K + K - 1 one after another:
+    what those processes of a run of W x K would take.
     """
 
     def __init__(
@@ -37,16 +41,20 @@ class ResumableDistributedSampler(Sampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        accum: int = 1,
     ) -> None:
-        """`batch_size` is the per-process batch; the global batch is batch_size * num_replicas."""
+        """`batch_size` is the per-process batch (K micro-batches); the global batch is
+        batch_size * num_replicas."""
         global_batch = batch_size * num_replicas
         if dataset_len < global_batch:
             raise ValueError(
                 f"the dataset has {dataset_len} images, fewer than one global batch of {global_batch}; "
                 "use a smaller --batch-size or more data"
             )
+        if batch_size % accum:
+            raise ValueError(f"a per-process batch of {batch_size} does not split into {accum} micro-batches")
         self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.accum = num_replicas, rank, accum
         self.shuffle, self.seed = shuffle, seed
         self.steps_per_epoch = dataset_len // global_batch
         self.epoch, self.start_step = 0, 0
@@ -57,11 +65,17 @@ class ResumableDistributedSampler(Sampler):
             raise ValueError(f"start_step {start_step} is outside 0..{self.steps_per_epoch}")
         self.epoch, self.start_step = epoch, start_step
 
-    def positions(self) -> range:
-        """Positions in the epoch's permutation that this process visits, in order."""
-        total = self.steps_per_epoch * self.batch_size * self.num_replicas
-        start = self.start_step * self.batch_size * self.num_replicas + self.rank
-        return range(start, total, self.num_replicas)
+    def positions(self) -> torch.Tensor:
+        """Positions in the epoch's permutation that this process visits, in order: per step, its
+        micro-batches in turn, virtual rank v = rank*K + j taking v, v + W*K, v + 2*W*K, ...
+        of the step's global batch."""
+        world = self.num_replicas * self.accum
+        micro = self.batch_size // self.accum
+        steps = torch.arange(self.start_step, self.steps_per_epoch) * (self.batch_size * self.num_replicas)
+        ranks = torch.arange(self.accum) + self.rank * self.accum
+        # steps x K x micro: step start + virtual rank + i * world
+        grid = steps.view(-1, 1, 1) + ranks.view(1, -1, 1) + torch.arange(micro).view(1, 1, -1) * world
+        return grid.reshape(-1)
 
     def permutation(self) -> torch.Tensor:
         if not self.shuffle:
@@ -71,11 +85,11 @@ class ResumableDistributedSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         perm = self.permutation().tolist()
-        for p in self.positions():
+        for p in self.positions().tolist():
             yield perm[p], mix_seed(self.seed, self.epoch, p, 1)
 
     def __len__(self) -> int:
-        return len(self.positions())
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
 
 
 class StepBatchSampler:

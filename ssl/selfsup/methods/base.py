@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
 
+from ..accumulation import Accumulation
 from ..networks import ema_update_, params_of
 from ..optim import cosine_momentum
+
+
+@dataclass
+class Plan:
+    """What a method's `prepare` computed for one optimizer step; each method adds its fields."""
+
+    acc: Accumulation
 
 
 class Method(nn.Module):
@@ -27,13 +36,19 @@ class Method(nn.Module):
       `lr` or `lr_per_256`) and its `source`;
     * `run_defining`: its flags that change the weights it trains - with the common ones
       (selfsup.resume.RUN_DEFINING) what a run folder refuses to continue with other values;
-    * its loss: `forward(x1, x2, return_loss=True)` returns the training loss, a scalar tensor.
-      The engine calls it through DDP's wrapper, which must see the call that makes the loss.
-      (`return_loss` exists for MoCo, whose plain forward keeps facebookresearch/moco's
-      `(logits, labels)`; the other methods return the loss either way);
+    * its step, in three parts (selfsup.accumulation: K micro-batches stand for K processes):
+      `prepare(micro, acc)` computes, without gradient, what the loss needs from the whole
+      global batch (the momentum update, MoCo's keys, BYOL's targets; `micro` holds this
+      process's micro-batches, each a list of views) and returns a `Plan`; `objective(views,
+      plan, j)` gives micro-batch j's `(objective, loss)` - what to backpropagate and the loss
+      to report (the same tensor but for SimCLR's embedding-gradient cache); `finish(plan)`
+      does what follows the step once (MoCo's enqueue). The engine calls `objective` through
+      DDP's wrapper (`model(*views, plan=plan, micro=j)`), which must see the call that makes
+      the loss. A plain `forward(x1, x2)` runs the three for one batch and returns the loss
+      (MoCo's keeps facebookresearch/moco's `(logits, labels)` unless `return_loss`);
     * its momentum schedule: `momentum_at(progress)`, None without a momentum network;
-    * `last_z`: detached, L2-normalised embeddings (N x dim) of the last step, which the engine
-      reads for the collapse signal (selfsup.monitor);
+    * `last_z`: detached, L2-normalised embeddings (N x dim) of the last step's micro-batch 0,
+      which the engine reads for the collapse signal (selfsup.monitor);
     * `networks`: the submodules that --compile compiles (the method's own logic stays eager).
 
     Every method keeps the network being trained (backbone + projection head) as `encoder_q`,
@@ -57,8 +72,28 @@ class Method(nn.Module):
         super().__init__()
         self.last_z: torch.Tensor | None = None
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, return_loss: bool = True):
+    def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> "Plan":
+        """What the step's loss needs from every micro-batch, without gradient (called under
+        torch.no_grad); the momentum update happens here, once per step."""
+        return Plan(acc)
+
+    def objective(self, views: list[torch.Tensor], plan: "Plan", j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch j's (objective to backpropagate, loss to report) given the step's `plan`."""
         raise NotImplementedError
+
+    def finish(self, plan: "Plan") -> None:
+        """What follows the step once every micro-batch's objective was computed."""
+
+    def forward(self, *views: torch.Tensor, plan: "Plan | None" = None, micro: int = 0, return_loss: bool = True):
+        """With `plan`: micro-batch `micro`'s (objective, loss). Without: one whole step on these
+        views (x1, x2: N x 3 x H x W), the loss."""
+        if plan is not None:
+            return self.objective(list(views), plan, micro)
+        with torch.no_grad():
+            plan = self.prepare([list(views)], Accumulation())
+        loss, _ = self.objective(list(views), plan, 0)
+        self.finish(plan)
+        return loss
 
     def momentum_at(self, progress: float) -> float | None:
         """Set and return the momentum for training `progress` (the fraction of all steps done,
@@ -106,8 +141,8 @@ def protocol_problems(cls: type[Method]) -> list[str]:
     tests/test_methods.py checks the schedule of every method that has one.)"""
     problems = [f"no `{attr}`" for attr in ("name", "defaults", "flag_options", "presets", "demo", "linear",
                                             "run_defining") if own(cls, attr) is None]
-    if cls.forward is Method.forward:
-        problems.append("no `forward` (its loss)")
+    if cls.objective is Method.objective:
+        problems.append("no `objective` (its loss)")
     presets = own(cls, "presets") or {}
     if presets and f"small-{cls.name}" not in presets:
         problems.append(f"no small-image preset `small-{cls.name}` among its presets {sorted(presets)}")

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..accumulation import Accumulation
 from ..config import SMALL_IMAGE
 from ..losses import byol_loss
 from ..backbones import feature_dim, set_head
 from ..networks import build_mlp, convert_split_batchnorm, freeze
-from .base import MomentumMethod
+from .base import MomentumMethod, Plan
+
+
+@dataclass
+class BYOLPlan(Plan):
+    targets: list[tuple[torch.Tensor, torch.Tensor]]  # each micro-batch's target projections of both views
 
 
 class BYOL(MomentumMethod):
@@ -76,13 +83,23 @@ class BYOL(MomentumMethod):
         convert_split_batchnorm(self.encoder_q, bn_splits)
         convert_split_batchnorm(self.encoder_k, bn_splits)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
-        """x1, x2: N x 3 x H x W, two views. Returns the loss (whatever `return_loss` says)."""
+    def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> BYOLPlan:
+        """The momentum update, then the target network's projections of every micro-batch's views."""
+        self._momentum_update_key_encoder()
+        targets = []
+        for j, (x1, x2) in enumerate(micro):
+            with acc.micro(j, self.encoder_k):
+                targets.append((self.encoder_k(x1), self.encoder_k(x2)))  # N x dim each
+        return BYOLPlan(acc, targets)
+
+    def objective(self, views: list[torch.Tensor], plan: BYOLPlan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x1, x2: N x 3 x H x W, two views: the symmetric loss against the targets of the other view."""
+        x1, x2 = views
         z1 = self.encoder_q(x1)  # N x dim
         z2 = self.encoder_q(x2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        self.last_z = F.normalize(z1.detach(), dim=1)
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            t1, t2 = self.encoder_k(x1), self.encoder_k(x2)
-        return byol_loss(p1, t2).mean() + byol_loss(p2, t1).mean()
+        if j == 0:
+            self.last_z = F.normalize(z1.detach(), dim=1)
+        t1, t2 = plan.targets[j]
+        loss = byol_loss(p1, t2).mean() + byol_loss(p2, t1).mean()
+        return loss, loss.detach()

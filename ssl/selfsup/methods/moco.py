@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import (
-    batch_shuffle,
-    batch_unshuffle,
-    concat_all_gather,
-    get_world_size,
-)
+from ..accumulation import Accumulation
 from ..config import SMALL_IMAGE
+from ..distributed import broadcast
 from ..losses import at_least_fp32, full_precision
 from ..backbones import feature_dim, get_head, set_head
 from ..networks import convert_split_batchnorm
-from .base import MomentumMethod
+from .base import MomentumMethod, Plan
+
+
+@dataclass
+class MoCoPlan(Plan):
+    keys: list[torch.Tensor]  # each micro-batch's keys, N x dim
+    all_keys: torch.Tensor  # every (virtual) process's keys in rank order, (world x N) x dim
+    queue: torch.Tensor  # the queue at the start of the step, dim x K
 
 
 def _forget_host_queue_ptr(module: nn.Module, incompatible_keys) -> None:
@@ -155,7 +159,8 @@ class MoCo(MomentumMethod):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        keys = concat_all_gather(keys)  # (W*N) x dim, in rank order
+        """keys: (world x N) x dim, every process's in rank order (virtual processes under
+        --accum-iter), written into the queue after its pointer."""
         batch = keys.shape[0]
         if batch > self.K:
             raise ValueError(
@@ -174,41 +179,81 @@ class MoCo(MomentumMethod):
         self.queue_ptr.fill_(end % self.K)
         self._ptr = end % self.K
 
-    @torch.no_grad()
-    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        shuffle_across = self.shuffle_bn and get_world_size() > 1
+    def _keys(self, im_ks: list[torch.Tensor], acc: Accumulation) -> list[torch.Tensor]:
+        """Each micro-batch's keys (N x dim, normalised, float32 also under --amp), as each process
+        of the run would compute them: with shuffle BN the key batches of every (virtual) process
+        are gathered, permuted by rank 0's permutation (every process draws one, as each process of
+        facebookresearch/moco's does), encoded in the permuted groups and put back in order."""
+        world = acc.world_size
+        shuffle_across = self.shuffle_bn and world > 1
+        inputs = im_ks
         if shuffle_across:
-            im_k, idx_unshuffle = batch_shuffle(im_k)
-        if self.bn_splits > 1 and self.shuffle_bn:
-            # Within the process: a fresh permutation so that each key sub-batch holds other
-            # samples than the matching query sub-batch.
-            perm = torch.randperm(im_k.shape[0], device=im_k.device)
-            k = self.encoder_k(im_k[perm])
-            k = k[torch.argsort(perm)]
-        else:
-            k = self.encoder_k(im_k)
-        with full_precision(k):
-            k = F.normalize(at_least_fp32(k), dim=1)  # N x dim, float32 also under --amp
+            n = im_ks[0].shape[0]
+            x_all = acc.gather(im_ks)  # (world x N) x ...
+            perms = []
+            for j in range(len(im_ks)):
+                with acc.micro(j):
+                    perms.append(torch.randperm(x_all.shape[0], device=x_all.device))
+            perm = broadcast(perms[0], src=0)  # virtual rank 0's
+            idx_unshuffle = torch.argsort(perm)
+            inputs = [x_all[perm.view(world, n)[acc.rank(j)]] for j in range(len(im_ks))]
+        keys = []
+        for j, x in enumerate(inputs):
+            with acc.micro(j, self.encoder_k):
+                if self.bn_splits > 1 and self.shuffle_bn:
+                    # Within the process: a fresh permutation so that each key sub-batch holds other
+                    # samples than the matching query sub-batch.
+                    perm = torch.randperm(x.shape[0], device=x.device)
+                    k = self.encoder_k(x[perm])[torch.argsort(perm)]
+                else:
+                    k = self.encoder_k(x)
+            with full_precision(k):
+                keys.append(F.normalize(at_least_fp32(k), dim=1))  # N x dim
         if shuffle_across:
-            k = batch_unshuffle(k, idx_unshuffle)
-        return k
+            k_all = acc.gather(keys)
+            keys = [k_all[idx_unshuffle.view(world, n)[acc.rank(j)]] for j in range(len(keys))]
+        return keys
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, return_loss: bool = False):
-        """im_q, im_k: N x 3 x H x W. Returns logits N x (1+K) (positive in column 0, divided by T)
-        and labels N (all zero) - or, with `return_loss`, their cross-entropy, the training loss.
-        The logits are float32 also under --amp (see selfsup.losses.full_precision)."""
+    def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> MoCoPlan:
+        """The momentum update, then every micro-batch's keys (`views[1]`, im_k) and the queue as
+        it is at the start of the step, which every micro-batch's queries see."""
+        self._momentum_update_key_encoder()
+        keys = self._keys([views[1] for views in micro], acc)
+        return MoCoPlan(acc, keys, acc.gather(keys), self.queue.clone().detach())
+
+    def logits(self, im_q: torch.Tensor, plan: MoCoPlan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch j's queries against its keys and the queue: logits N x (1+K) (positive in
+        column 0, divided by T, float32 also under --amp) and labels N (all zero)."""
         q = self.encoder_q(im_q)  # N x dim
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            k = self._keys(im_k)  # N x dim
         with full_precision(q):
             q = F.normalize(at_least_fp32(q), dim=1)
-            self.last_z = q.detach()
-            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
-            l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
+            if j == 0:
+                self.last_z = q.detach()
+            l_pos = torch.einsum("nc,nc->n", [q, plan.keys[j]]).unsqueeze(-1)  # N x 1
+            l_neg = torch.einsum("nc,ck->nk", [q, plan.queue])  # N x K
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        self._dequeue_and_enqueue(k)
+        return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+
+    def objective(self, views: list[torch.Tensor], plan: MoCoPlan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(*self.logits(views[0], plan, j))
+        return loss, loss.detach()
+
+    def finish(self, plan: MoCoPlan) -> None:
+        """Enqueue every (virtual) process's keys, in rank order, once per step."""
+        self._dequeue_and_enqueue(plan.all_keys)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor | None = None, return_loss: bool = False,
+                plan: MoCoPlan | None = None, micro: int = 0):
+        """im_q, im_k: N x 3 x H x W. Returns logits N x (1+K) (positive in column 0, divided by T)
+        and labels N (all zero) - or, with `return_loss`, their cross-entropy, the training loss.
+        The logits are float32 also under --amp (see selfsup.losses.full_precision). With `plan`
+        (the engine): micro-batch `micro`'s (objective, loss)."""
+        if plan is not None:
+            return self.objective([im_q, im_k], plan, micro)
+        with torch.no_grad():
+            plan = self.prepare([[im_q, im_k]], Accumulation())
+        logits, labels = self.logits(im_q, plan, 0)
+        self.finish(plan)
         if return_loss:
             return F.cross_entropy(logits, labels)
         return logits, labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -11,10 +12,17 @@ import torch.nn.functional as F
 
 from ..backbones import feature_dim, set_head
 from ..backbones import vit as vit_family
+from ..accumulation import Accumulation
 from ..config import SMALL_IMAGE
-from ..losses import global_keys_infonce
+from ..losses import at_least_fp32, full_precision, infonce_against
 from ..networks import build_mlp, convert_split_batchnorm, freeze
-from .base import MomentumMethod
+from .base import MomentumMethod, Plan
+
+
+@dataclass
+class MoCoV3Plan(Plan):
+    k1: torch.Tensor  # the first view's keys of every (virtual) process, (world x N) x dim, normalised
+    k2: torch.Tensor  # the second view's
 
 
 class MoCoV3(MomentumMethod):
@@ -31,7 +39,7 @@ class MoCoV3(MomentumMethod):
     Linear without bias, BN, ReLU; the projector has 2 layers on a ResNet and 3 on a ViT, its
     output a BN without affine parameters; the predictor has 2 layers and keeps that output BN on a
     ViT only. `forward(x1, x2)` returns ctr(q1, k2) + ctr(q2, k1), each a cross-entropy of the
-    queries against the keys of all processes scaled by 2T (losses.global_keys_infonce). The
+    queries against the keys of all processes scaled by 2T (losses.infonce_against). The
     momentum rises from `m` to 1 along a cosine over training with `m_cos` (moco-v3's --moco-m-cos).
     `bn_splits` > 1 normalises both encoders' BatchNorm2d layers over that many sub-batches.
     """
@@ -131,12 +139,26 @@ class MoCoV3(MomentumMethod):
         convert_split_batchnorm(self.encoder_q, bn_splits)
         convert_split_batchnorm(self.encoder_k, bn_splits)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
-        """x1, x2: N x 3 x H x W, two views. Returns the loss (whatever `return_loss` says)."""
+    def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> MoCoV3Plan:
+        """The momentum update, then the keys of both views of every micro-batch, gathered from
+        every (virtual) process in rank order."""
+        self._momentum_update_key_encoder()
+        keys: list[list[torch.Tensor]] = [[], []]
+        for j, views in enumerate(micro):
+            with acc.micro(j, self.encoder_k):
+                for view, out in zip(views, keys):
+                    k = self.encoder_k(view)  # N x dim
+                    with full_precision(k):
+                        out.append(F.normalize(at_least_fp32(k), dim=1))
+        return MoCoV3Plan(acc, acc.gather(keys[0]), acc.gather(keys[1]))
+
+    def objective(self, views: list[torch.Tensor], plan: MoCoV3Plan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x1, x2: N x 3 x H x W, two views: ctr(q1, k2) + ctr(q2, k1), the keys of every process."""
+        x1, x2 = views
         q1 = self.predictor(self.encoder_q(x1))  # N x dim
         q2 = self.predictor(self.encoder_q(x2))
-        self.last_z = F.normalize(q1.detach().float(), dim=1)
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            k1, k2 = self.encoder_k(x1), self.encoder_k(x2)
-        return global_keys_infonce(q1, k2, self.T) + global_keys_infonce(q2, k1, self.T)
+        if j == 0:
+            self.last_z = F.normalize(q1.detach().float(), dim=1)
+        first = plan.acc.rank(j) * q1.shape[0]  # this micro-batch's positives among the gathered keys
+        loss = infonce_against(q1, plan.k2, self.T, first) + infonce_against(q2, plan.k1, self.T, first)
+        return loss, loss.detach()

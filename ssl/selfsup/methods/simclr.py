@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..accumulation import Accumulation
 from ..config import SMALL_IMAGE
-from ..losses import nt_xent
+from ..distributed import all_reduce_sum
+from ..losses import at_least_fp32, full_precision, nt_xent, nt_xent_of
 from ..backbones import feature_dim, set_head
 from ..networks import build_mlp, convert_split_batchnorm
-from .base import Method
+from .base import Method, Plan
+
+
+@dataclass
+class SimCLRPlan(Plan):
+    grads: list[torch.Tensor] | None = None  # K > 1: each micro-batch's d(loss)/d(embeddings), 2N x dim
+    losses: list[torch.Tensor] | None = None  # and its loss over the global batch
 
 
 class SimCLR(Method):
@@ -76,12 +85,44 @@ class SimCLR(Method):
         set_head(self.encoder_q, build_mlp(2, feature_dim(self.encoder_q), hidden_dim, dim, last_norm="bn_scale"))
         convert_split_batchnorm(self.encoder_q, bn_splits)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
-        """x1, x2: N x 3 x H x W, two views. Returns the loss (whatever `return_loss` says):
-        2 x NT-Xent's mean over the 2N anchors of the global batch, as SimCLR's code computes it."""
+    def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> SimCLRPlan:
+        """Nothing for one micro-batch. For K > 1 the embedding-gradient cache (Gao et al. 2021,
+        "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): every
+        micro-batch's embeddings without gradient, gathered from every (virtual) process; the loss
+        of each of this process's micro-batches over that global batch and its gradient with respect
+        to every embedding, summed over processes (what the gather's backward sums); each
+        micro-batch's slice of it, which `objective` backpropagates through a second forward pass."""
+        if acc.k == 1:
+            return SimCLRPlan(acc)
+        n = micro[0][0].shape[0]
+        z1s, z2s = [], []
+        for j, (x1, x2) in enumerate(micro):
+            with acc.micro(j, self.encoder_q, keep_statistics=True):  # the second pass updates them
+                z = self.encoder_q(torch.cat([x1, x2], dim=0))  # 2N x dim
+            z1s.append(z[:n])
+            z2s.append(z[n:])
+        z1_all = at_least_fp32(acc.gather(z1s)).requires_grad_()  # (world x N) x dim
+        z2_all = at_least_fp32(acc.gather(z2s)).requires_grad_()
+        with torch.enable_grad():
+            losses = [2 * nt_xent_of(z1_all, z2_all, acc.rank(j) * n, n, self.T) for j in range(len(micro))]
+            g1, g2 = torch.autograd.grad(sum(losses), [z1_all, z2_all])
+        g1, g2 = all_reduce_sum(g1), all_reduce_sum(g2)  # d(the loss of every process) / d(embeddings)
+        rows = [slice(acc.rank(j) * n, (acc.rank(j) + 1) * n) for j in range(len(micro))]
+        return SimCLRPlan(acc, [torch.cat([g1[r], g2[r]]) for r in rows], [loss.detach() for loss in losses])
+
+    def objective(self, views: list[torch.Tensor], plan: SimCLRPlan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x1, x2: N x 3 x H x W, two views: 2 x NT-Xent's mean over the 2N anchors of the global
+        batch, as SimCLR's code computes it - or, from the cache, a surrogate whose gradient with
+        respect to the embeddings is the cached one."""
+        x1, x2 = views
         n = x1.shape[0]
         # Both views in one batch, as SimCLR's own code: BatchNorm sees all 2N samples.
         z = self.encoder_q(torch.cat([x1, x2], dim=0))  # 2N x dim
-        z1, z2 = z[:n], z[n:]
-        self.last_z = F.normalize(z1.detach(), dim=1)
-        return 2 * nt_xent(z1, z2, self.T, distributed=True)
+        if j == 0:
+            self.last_z = F.normalize(z[:n].detach(), dim=1)
+        if plan.grads is None:
+            loss = 2 * nt_xent(z[:n], z[n:], self.T, distributed=True)
+            return loss, loss.detach()
+        with full_precision(z):
+            surrogate = (at_least_fp32(z) * plan.grads[j]).sum()
+        return surrogate, plan.losses[j]
