@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Weighted k-NN evaluation of a pretrained backbone: the fast way to check a checkpoint.
 
-    python main_knn.py --pretrained runs/moco-resnet18-demo/checkpoint.pth.tar     # the demo, one CPU process
+    python main_knn.py --pretrained runs/simclr-resnet18-demo/checkpoint.pth.tar     # the demo, one CPU process
     python main_knn.py --pretrained PRETRAINED.pth.tar /imagenet
     torchrun --nproc_per_node=8 main_knn.py --pretrained PRETRAINED.pth.tar --k 10 20 100 200 /imagenet
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Linear classification on frozen features (the linear evaluation protocol), MoCo's command line.
 
-    python main_lincls.py --pretrained runs/moco-resnet18-demo/checkpoint.pth.tar    # the demo, one CPU process
+    python main_lincls.py --pretrained runs/simclr-resnet18-demo/checkpoint.pth.tar    # the demo, one CPU process
     python main_lincls.py --pretrained PRETRAINED.pth.tar /imagenet                  # one process
     torchrun --nproc_per_node=8 main_lincls.py --pretrained PRETRAINED.pth.tar /imagenet
     python main_lincls.py -a resnet50 --lr 30.0 --batch-size 256 --pretrained moco_v2_800ep_pretrain.pth.tar \
@@ -31,12 +31,12 @@ import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/
 
 from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.checkpoint import check_writable, load_checkpoint
-from selfsup.cli import (add_moco_launcher_args, agree_on_error, check_numbers, evaluation_folder, launch,
+from selfsup.cli import (add_moco_launcher_args, check_numbers, evaluation_folder, launch,
                          per_process_batch, write_args)
 from selfsup.data import DEMO_ROOT
 from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group
-from selfsup.errors import INPUT_ERRORS, UsageError
+from selfsup.errors import UsageError
 from selfsup.knn import make_eval_loader
 from selfsup.lincls import ProbeRun, classifier_state, image_batches, restore_classifier, train_probe, validate
 from selfsup.meters import MetricsWriter, setup_logging
@@ -44,7 +44,7 @@ from selfsup.optim import build_optimizer, learning_rate
 from selfsup.probe import (TRAIN_AUGS, LinearProbe, Pretrained, build_probe, eval_transform, linear_eval_datasets,
                            load_pretrained, readable, train_transform)
 from selfsup.recipes import PROTOCOL_FLAGS, linear_protocol, protocols_by_method
-from selfsup.resume import restore_run_state
+from selfsup.resume import restore_run_state, run_holding_folder
 
 logger = logging.getLogger("main_lincls")
 
@@ -150,7 +150,7 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
     """Validate every input and build everything, without any collective (see agree_on_error)."""
     local_batch = per_process_batch(args.batch_size, dist_info.world_size)
     if dist_info.is_main:
-        check_writable(args.output_dir)
+        check_writable(args.output_dir, create=False)  # created when the run takes it (RunLock)
     pretrained = load_pretrained(args.pretrained, args.arch) if args.pretrained else None
     path = classifier_checkpoint_path(args)
     if args.evaluate and path is None:
@@ -195,13 +195,12 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
 
 def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank)
-    setup, error = None, None
-    try:
-        setup = prepare(args, dist_info)
-    except INPUT_ERRORS as e:
-        error = e
-    if agree_on_error(error, dist_info):
-        return 2
+    return run_holding_folder(args, dist_info, lambda: prepare(args, dist_info),
+                              lambda setup: evaluate(args, dist_info, setup))
+
+
+def evaluate(args: argparse.Namespace, dist_info: DistInfo, setup: Setup) -> int:
+    """Train the classifier of `setup` in its folder (or evaluate it, -e); the exit status."""
     output_dir, device, probe = Path(args.output_dir), dist_info.device, setup.probe
     setup_logging(dist_info.rank, output_dir)
     setup.val_ds = readable(setup.val_ds, "the validation set", dist_info, args.workers)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Self-supervised pretraining: MoCo v1/v2, BYOL or SimCLR, one DDP process per GPU.
+r"""Self-supervised pretraining: MoCo v1/v2, MoCo v3, BYOL or SimCLR, one DDP process per GPU.
 
     python main_pretrain.py                                   # the embedded demo, one CPU process
     python main_pretrain.py --method byol /path/to/folder     # one process (a GPU if there is one)
@@ -26,24 +26,24 @@ import torch
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
 from selfsup import recipes
-from selfsup.accumulation import Accumulation, batch_line, micro_batches
+from selfsup.accumulation import Accumulation, micro_batches
 from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.backbones import flag_options as backbone_flag_options
-from selfsup.builder import build_model
+from selfsup.builder import build_model, check_sync_bn
 from selfsup.checkpoint import check_writable
 from selfsup.cli import add_moco_launcher_args, agree_on_error, check_numbers, launch, report, write_args, write_json
-from selfsup.data import DEMO_ROOT, fashion_mnist_root, find_samples, find_unreadable, resolve_split_dir
+from selfsup.data import DEMO_ROOT, fashion_mnist_root, report_unreadable, resolve_split_dir
 from selfsup.data.augmentations import AUGMENTATIONS
 from selfsup.data.pipeline import AUG_BACKENDS, build_pretrain_pipeline
 from selfsup.distributed import DistInfo, add_device_args, configure_kernels, run_in_process_group, wrap_ddp
-from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume
+from selfsup.engine import AMP_DTYPES, StepContext, checkpoint_state, fit, resume, start_lines
 from selfsup.errors import INPUT_ERRORS, UsageError
 from selfsup.meters import MetricsWriter, setup_logging
 from selfsup.methods import METHODS
 from selfsup.monitor import folder_monitor
-from selfsup.networks import compile_networks
+from selfsup.networks import compile_or_warn
 from selfsup.optim import OPTIMIZERS, WD_EXCLUDE, build_optimizer
-from selfsup.resume import Checkpointer, claim_fresh_folder, default_run_folder, run_definition
+from selfsup.resume import Checkpointer, default_run_folder, run_definition, run_holding_folder
 from selfsup.rng import MicroStreams
 from selfsup.stopping import StopRequest
 
@@ -62,10 +62,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", default=None,
                    help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images), or "
                         "Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
-    p.add_argument("--method", choices=list(METHODS), default=None, help=f"{', '.join(METHODS)} (default: moco)")
-    p.add_argument("--preset", choices=list(recipes.PRESETS), default=None,
-                   help="a paper's recipe in one word, or small-<method> for small images (docs/CONFIG.md); "
-                        "explicit flags override it")
+    # No argparse `choices` for these two: an unknown name is one line naming the valid ones
+    # (recipes.resolve), not the whole usage before it.
+    p.add_argument("--method", default=None,
+                   help=f"{', '.join(METHODS)} (default: {recipes.DEFAULT_METHOD}; the demo without a data folder: "
+                        f"{recipes.DEMO_METHOD})")
+    p.add_argument("--preset", default=None,
+                   help=f"a paper's recipe in one word, or small-<method> for small images (docs/CONFIG.md): "
+                        f"{', '.join(recipes.PRESETS)}; explicit flags override it")
     g = p.add_argument_group("data")
     g.add_argument("-j", "--workers", default=None, type=int,
                    help="data loading workers per process (default: the CPUs per process, less one; 1 to 8)")
@@ -194,19 +198,9 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     """Validate inputs and build data, model and optimizer. Raises one of INPUT_ERRORS on bad input."""
     args.accum_iter, local_batch = micro_batches(args.batch_size, dist_info.world_size, args.accum_iter,
                                                  args.micro_batch)
-    # SyncBatchNorm needs a process group, and in one process is BatchNorm: without a group the
-    # run trains, and records, plain BN (a byol/simclr preset on a laptop).
-    args.sync_bn = bool(args.sync_bn and dist_info.distributed)
-    if args.sync_bn and args.accum_iter > 1:
-        raise UsageError(f"--sync-bn normalises over the whole global batch, which {args.accum_iter} micro-batches never "
-                         "see at once: add --no-sync-bn (each micro-batch then normalises as one GPU's, and the run "
-                         f"equals {dist_info.world_size * args.accum_iter} processes without SyncBN)")
-    if args.sync_bn and dist_info.world_size > 1 and (dist_info.device.type != "cuda" or dist_info.backend == "gloo"):
-        raise UsageError("--sync-bn (the byol and simclr presets' cross-replica BatchNorm) needs CUDA devices and NCCL; "
-                         "with gloo processes add --no-sync-bn (per-process BatchNorm), or train in one process, "
-                         "whose BatchNorm already sees the whole batch")
+    args.sync_bn = check_sync_bn(args.sync_bn, args.accum_iter, dist_info)
     if dist_info.is_main:
-        check_writable(args.output_dir)
+        check_writable(args.output_dir, create=False)  # created when the run takes it (RunLock)
     data_dir = args.data if fashion_mnist_root(args.data) else resolve_split_dir(args.data, "train")
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
@@ -224,11 +218,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        reason = compile_networks(model, dist_info.device)
-        if reason:
-            logger.warning("--compile skipped, training uncompiled: %s", reason)
-        else:
-            logger.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
+        compile_or_warn(model, dist_info.device)
     optimizer = build_optimizer(args.optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad], args.lr,
                                 args.momentum, args.wd, classic_momentum=args.classic_momentum,
                                 trust_coefficient=args.lars_eta, wd_exclude=args.wd_exclude)
@@ -241,25 +231,19 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
 
 
 def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | None = None) -> int:
+    """Check every input and build; then, holding the output folder (one run per folder), train."""
     setup_logging(dist_info.rank)
-    built = error = None
-    try:
-        if args.no_resume:  # one folder for every process, claimed by rank 0
-            args.output_dir = str(claim_fresh_folder(args.output_dir, dist_info))
-        built = build(args, dist_info)
-    except INPUT_ERRORS as e:
-        error = e
-    if agree_on_error(error, dist_info):
-        return 2
-    model, optimizer, scaler, pipeline, monitor = built
+    return run_holding_folder(args, dist_info, lambda: build(args, dist_info),
+                              lambda built: run(args, dist_info, stop, *built))
+
+
+def run(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | None, model, optimizer, scaler, pipeline,
+        monitor) -> int:
+    """Resume (or start) the run in its folder and train it; the exit status."""
     output_dir = Path(args.output_dir)
     setup_logging(dist_info.rank, output_dir)
     if args.verify_images and not fashion_mnist_root(args.data):  # every process decodes its share of the files
-        data_dir = args.data if fashion_mnist_root(args.data) else resolve_split_dir(args.data, "train")
-        bad = find_unreadable(find_samples(data_dir)[0], dist_info, args.workers)
-        for path, reason in bad:
-            logger.warning("unreadable image: %s (%s)", path, reason)
-        logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
+        report_unreadable(resolve_split_dir(args.data, "train"), dist_info, args.workers)
     steps = pipeline.sampler.steps_per_epoch
     # Every micro-batch draws from its own random stream, as a process of W x K would (selfsup.rng).
     streams = MicroStreams(args.accum_iter) if args.accum_iter > 1 else None
@@ -272,16 +256,8 @@ def train(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | Non
         return 2
     write_args(output_dir, args, dist_info)
     write_json(output_dir / "run.json", run_definition(vars(args)), dist_info)
-    logger.info("%s%s", "No data folder given: training on the embedded demo (" if args.demo else "Data: ",
-                pipeline.description + (")." if args.demo else ""))
-    logger.info("%s %s, %d process(es) on %s%s, %s, lr %.4g (%s), %d epochs -> %s", args.method, args.arch,
-                dist_info.world_size, dist_info.device, f" ({dist_info.backend})" if dist_info.backend else "",
-                batch_line(args.batch_size, dist_info.world_size, args.accum_iter), args.lr, args.optimizer,
-                args.epochs, output_dir)
-    if start["epoch"] >= args.epochs:
-        logger.info("%s already holds a finished run of %d epochs; nothing to do (raise --epochs to train more, "
-                    "or use another --output-dir).", output_dir, args.epochs)
-        return 0
+    for line in start_lines(vars(args), dist_info, pipeline.description):
+        logger.info(line)
 
     def state(**position) -> dict:
         return checkpoint_state(model, optimizer, scaler, args, dist_info, steps_per_epoch=steps, **position)

@@ -265,10 +265,11 @@ def test_sync_bn_with_micro_batches_is_refused_naming_the_fix(tmp_path):
     import main_pretrain
     from selfsup.distributed import DistInfo
 
-    args = main_pretrain.resolve_config(main_pretrain.get_args_parser().parse_args(
-        [str(tmp_path), "--accum-iter", "2", "--sync-bn"]))
-    with pytest.raises(UsageError, match="add --no-sync-bn"):
-        main_pretrain.build(args, DistInfo(world_size=2, backend="nccl", device=torch.device("cpu")))
+    for dist in (DistInfo(world_size=2, backend="nccl"), DistInfo()):  # one process too: no silent BatchNorm
+        args = main_pretrain.resolve_config(main_pretrain.get_args_parser().parse_args(
+            [str(tmp_path), "--accum-iter", "2", "--sync-bn"]))
+        with pytest.raises(UsageError, match="add --no-sync-bn"):
+            main_pretrain.build(args, dist)
 
 
 def test_accum_is_not_part_of_what_defines_a_run():

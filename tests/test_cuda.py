@@ -165,6 +165,33 @@ def test_two_gloo_processes_share_the_device(folder, tmp_path):
     assert load(tmp_path / "run" / "checkpoint.pth.tar")["world_size"] == 2
 
 
+def test_micro_batches_on_the_device_train_what_two_processes_train(folder, tmp_path):
+    # --accum-iter on the device: each micro-batch's CUDA random stream (MoCo's shuffle-BN and
+    # sub-batch permutations drawn on the GPU), the gathers, the 1/K scaling; bitwise against two
+    # gloo processes sharing the GPU, both --deterministic.
+    device = "cuda:0" if ON_GPU else "cpu"
+    run = ["main_pretrain.py", str(folder), "--method", "moco", *TINY, "--device", device, "--deterministic",
+           "--bn-splits", "2"]
+    ok(torchrun(2, [*run, "--dist-backend", "gloo", "--output-dir", str(tmp_path / "two")], **ENV))
+    out = ok(run_script([*run, "--accum-iter", "2", "--output-dir", str(tmp_path / "one")], **ENV))
+    assert "1 process(es) x 2 micro-batches of 8" in out
+    a, b = load(tmp_path / "two" / "checkpoint.pth.tar"), load(tmp_path / "one" / "checkpoint.pth.tar")
+    differ = [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])]
+    assert not differ, f"{len(differ)} of {len(a['state_dict'])} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov3"])
+def test_micro_batches_under_mixed_precision(method, folder, tmp_path):
+    # fp16's GradScaler scales each micro-batch's objective / K; bf16 autocast covers prepare too.
+    amp = ["--amp", "fp16" if method == "simclr" else "bf16"] if ON_GPU else []
+    out = ok(run_script(["main_pretrain.py", str(folder), "--method", method, *TINY, *amp, "--accum-iter", "4",
+                         "--device", str(DEVICE), "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "x 4 micro-batches of 4" in out
+    ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
+    assert ckpt["global_step"] == 3 and len(ckpt["rng"]) == 4
+    assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 

@@ -162,8 +162,8 @@ def test_sigterm_writes_a_resumable_checkpoint(folder, tmp_path, reference_1proc
             proc.send_signal(signal.SIGTERM)
             break
     lines += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 0, "".join(lines)
-    assert any("SIGTERM: checkpoint written" in l for l in lines), "".join(lines)
+    assert proc.wait(timeout=120) == 143, "".join(lines)  # stopped before its end: the shell's 128 + 15
+    assert any("SIGTERM: checkpoint written" in l for l in lines) and "Traceback" not in "".join(lines), "".join(lines)
     ckpt = load(out / "checkpoint.pth.tar")
     assert 1 <= ckpt["global_step"] < 6
     resumed = run_script(["main_pretrain.py", *args])
@@ -198,7 +198,8 @@ def labelled(tmp_path_factory):
 
 
 def metrics_of(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """The epochs' records (not the online kNN of the network before training)."""
+    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resumes_bitwise_with_the_online_knn(labelled, tmp_path):
@@ -219,7 +220,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_bitwise_with_the_online_knn(labe
             break
     lines += proc.stdout.readlines()
     log = "".join(lines)
-    assert proc.wait(timeout=120) == 0, log
+    assert proc.wait(timeout=120) == 130, log  # as a shell reports Ctrl-C: `pretrain && evaluate` stops here
     assert "Ctrl-C: stopping after this step" in log and "Traceback" not in log
     assert re.search(r"Ctrl-C \(SIGINT\): checkpoint written at epoch 1 step [12]; rerun the same command", log), log
     resumed = run_script(["main_pretrain.py", *args, "--output-dir", str(out)])

@@ -331,6 +331,50 @@ def test_a_checkpoint_of_another_vit_variant_or_none_recorded_is_refused():
     check_record(net, {"num_heads": 12}, "checkpoint 'x'")
     with pytest.raises(ValueError, match="with {'num_heads': 6}, this model has {'num_heads': 12}"):
         check_record(net, {"num_heads": 6}, "checkpoint 'x'")
-    with pytest.raises(ValueError, match="does not record which Vision Transformer variant.*deit_small"):
-        check_record(net, None, "checkpoint 'x'")
+    with pytest.raises(ValueError, match="written before checkpoints recorded the head count.*-a deit_small"):
+        check_record(net, None, "checkpoint 'x'")  # this project's ViT-S then: 6 heads
+    check_record(vit.build("deit_small_p4", 0), None, "checkpoint 'x'")  # which resumes as deit_small
     check_record(build_model("moco", "resnet18", K=16).encoder_q, None, "checkpoint 'x'")  # a ResNet needs no record
+
+
+def test_moco_v3s_embedding_in_half_precision_is_not_taken_for_a_learned_one(tmp_path):
+    # Within bf16's rounding of moco-v3's sin-cos embedding: which publisher, the weights no longer
+    # say - an error naming both ViT-S, never the 6-head guess.
+    torch.manual_seed(0)
+    state = {k: v.to(torch.bfloat16) for k, v in timm_vit(224, sincos=True, **MOCOV3["vit_small"]).state_dict().items()}
+    torch.save({"model": state}, tmp_path / "bf16.pth")
+    with pytest.raises(ValueError, match="-a vit_small or -a deit_small"):
+        load_pretrained(tmp_path / "bf16.pth")
+
+
+def test_a_run_definition_from_before_the_records_reads_in_todays_terms():
+    from selfsup.resume import legacy_run_definition
+
+    old_vit = legacy_run_definition({"arch": "vit_small_p4", "optimizer": "adamw"}, {})
+    assert old_vit == {"arch": "deit_small_p4", "optimizer": "adamw", "wd_exclude": "bias-norm-tokens"}
+    assert legacy_run_definition({"arch": "resnet50", "optimizer": "sgd"}, {})["wd_exclude"] == "none"
+    recorded = {"arch": "vit_small_p4", "optimizer": "adamw", "wd_exclude": "none", "zero_init_residual": True}
+    assert legacy_run_definition(recorded, {"backbone_variant": {"num_heads": 12}}) == recorded
+
+
+@pytest.mark.e2e
+def test_a_vit_run_of_the_old_code_resumes_under_its_new_name(tmp_path):
+    # Written before checkpoints recorded the head count: arch vit_small_p4 (6 heads then), AdamW's
+    # two parameter groups. It continues as deit_small_p4 with its old weight-decay set.
+    from helpers import make_image_folder, run_script
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=20)
+    run = ["main_pretrain.py", str(data), "--method", "mocov3", "--image-size", "32", "-b", "8", "--mlp-dim", "32",
+           "--moco-dim", "16", "--optimizer", "adamw", "--lr", "1e-4", "-j", "0", "--device", "cpu",
+           "--output-dir", str(tmp_path / "run")]
+    r = run_script([*run, "-a", "deit_small_p4", "--epochs", "1", "--wd-exclude", "bias-norm-tokens"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    del ckpt["backbone_variant"], ckpt["run"]["wd_exclude"], ckpt["run"]["zero_init_residual"]
+    ckpt["arch"] = ckpt["run"]["arch"] = ckpt["args"]["arch"] = "vit_small_p4"
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pth.tar")
+    refused = run_script([*run, "-a", "vit_small_p4", "--epochs", "2"])
+    assert refused.returncode == 2 and "--arch deit_small_p4 --wd-exclude bias-norm-tokens" in refused.stderr, \
+        refused.stderr[-2000:]
+    resumed = run_script([*run, "-a", "deit_small_p4", "--epochs", "2", "--wd-exclude", "bias-norm-tokens"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]

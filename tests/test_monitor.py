@@ -34,7 +34,8 @@ def test_online_knn_equals_main_knn_on_the_final_checkpoint(tmp_path):
                               "--epochs", "2", "-j", "0", "--mlp-dim", "32", "--moco-dim", "16", "--knn-every", "1",
                               "--knn-k", "5", "-p", "100", "--output-dir", str(out)])
     assert code == 0
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    start, *records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert start["before_training"] and 0 <= start["knn_top1"] <= 100  # the random network's, first
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(0 <= r["knn_top1"] <= 100 and math.isfinite(r["embed_std"]) for r in records)
     # The same kNN, computed independently by main_knn.py from the checkpoint file.

@@ -142,7 +142,8 @@ LEARN_MARGIN = 3.0
 # assumption, unmeasured. MoCo v2 (online kNN flat after its 7th epoch) and BYOL came nowhere near: 40,
 # four times the schedule, a guess that keeps them out of the default plan. These are epochs at
 # batch 512 with the presets' learning rates scaled linearly (lr_per_256): as many images as at batch
-# 128, a quarter of the steps - the evidence's schedule in images, not in steps.
+# 128 but a quarter of the steps - that the target is reached as well in fewer, larger steps is an
+# assumption of its own, which only the first GPU run can confirm (a shortfall is a MISS).
 LEARN_MIN_EPOCHS = {"mocov3": 10, "simclr": 20, "moco": 40, "byol": 40}
 LEARN_DEFAULT = ("mocov3", "simclr")  # the methods whose evidence comes within reach of the target
 # The GPU step each method is assumed to take, its augmentation included, until a GPU run measures

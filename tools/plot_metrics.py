@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot training curves from metrics.jsonl files as one PNG; several runs are overlaid.
 
-    python tools/plot_metrics.py runs/moco-resnet18-demo                     # -> runs/moco-resnet18-demo/metrics.png
+    python tools/plot_metrics.py runs/simclr-resnet18-demo                     # -> runs/simclr-resnet18-demo/metrics.png
     python tools/plot_metrics.py runs/a/metrics.jsonl runs/b --out compare.png --label moco byol
 
 Panels: loss, learning rate, EMA momentum, online kNN accuracy and embedding std (with the
@@ -20,9 +20,11 @@ from pathlib import Path
 # (metrics key, panel title, log scale)
 PANELS = (
     ("loss", "training loss", False),
+    ("acc1", "pretext task: Acc@1 of the positive (%)", False),
+    ("cos", "pretext task: cos(prediction, target)", False),
+    ("knn_top1", "online kNN top-1 (%), 0: before training", False),
     ("lr", "learning rate", False),
     ("momentum", "EMA momentum (key / target encoder)", False),
-    ("knn_top1", "online kNN top-1 (%)", False),
     ("embed_std", "embedding std (collapse -> 0)", False),
 )
 
@@ -44,18 +46,31 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) of `key`, keeping the last record of each epoch (a resumed run may repeat one)."""
+    """(epochs trained, values) of `key`: epoch e's record at e + 1, the record written before
+    training (main_pretrain.py's online kNN of the random start) at 0; the last record of each
+    epoch (a resumed run may repeat one)."""
     by_epoch: dict[float, float] = {}
     for r in records:
         v = r.get(key)
-        if "epoch" in r and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            by_epoch[r["epoch"]] = v
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            continue
+        if "epoch" in r:
+            by_epoch[r["epoch"] + 1] = v
+        elif r.get("before_training"):
+            by_epoch[0] = v
     epochs = sorted(by_epoch)
     return epochs, [by_epoch[e] for e in epochs]
 
 
+def informative(runs: dict[str, list[dict]], key: str) -> bool:
+    """Whether `key` tells anything: some run has it, and not one constant value everywhere (a
+    fixed EMA momentum, a learning rate without schedule)."""
+    values = [v for records in runs.values() for v in series(records, key)[1]]
+    return bool(values) and (len(values) == 1 or max(values) > min(values))
+
+
 def plot(runs: dict[str, list[dict]], out: Path, dims: dict[str, int | None] | None = None) -> Path:
-    """Draw the panels that have data for at least one run and save them to `out` (PNG)."""
+    """Draw the panels that carry information (`informative`) and save them to `out` (PNG)."""
     try:
         import matplotlib
 
@@ -63,7 +78,7 @@ def plot(runs: dict[str, list[dict]], out: Path, dims: dict[str, int | None] | N
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("plot_metrics needs matplotlib: pip install matplotlib") from e
-    panels = [p for p in PANELS if any(series(r, p[0])[0] for r in runs.values())]
+    panels = [p for p in PANELS if informative(runs, p[0])]
     if not panels:
         raise SystemExit("none of the runs has per-epoch metrics to plot yet")
     cols = min(3, len(panels))
@@ -80,7 +95,7 @@ def plot(runs: dict[str, list[dict]], out: Path, dims: dict[str, int | None] | N
             if key == "embed_std" and dims and dims.get(name):
                 ax.axhline(1 / math.sqrt(dims[name]), ls=":", lw=1, color="gray")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained")
         ax.grid(alpha=0.3)
         if log:
             ax.set_yscale("log")

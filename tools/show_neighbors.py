@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw query images and their nearest neighbours under a checkpoint's frozen backbone, as one PNG.
 
-    python tools/show_neighbors.py --pretrained runs/moco-resnet18-demo/checkpoint.pth.tar      # the demo data
+    python tools/show_neighbors.py --pretrained runs/simclr-resnet18-demo/checkpoint.pth.tar      # the demo data
     python tools/show_neighbors.py --pretrained CKPT /imagenet --queries 6 --k 10 --out nn.png
     python tools/show_neighbors.py --pretrained CKPT --fashion-mnist --image-size 32            # Debian's idx files
     python tools/show_neighbors.py --random-init -a resnet18 --image-size 32 --out random.png   # the baseline picture
@@ -239,12 +239,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")
     p.add_argument("--split", default="val", help="where the queries come from (default val)")
     p.add_argument("--bank-split", default="train", help="where the neighbours come from (default train)")
-    p.add_argument("--out", default="neighbors.png", help="PNG to write (default neighbors.png)")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: neighbors.png next to the checkpoint, in its run folder; "
+                        "neighbors-random-init.png in the current folder with --random-init)")
     p.add_argument("--seed", default=0, type=int, help="picks the queries (and the --random-init weights)")
     p.add_argument("-b", "--batch-size", default=256, type=int, help="batch of the feature extraction (default 256)")
     p.add_argument("-j", "--workers", default=0, type=int, help="data loading workers (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """Where the picture goes without --out: next to the run it describes (as plot_metrics.py's
+    metrics.png), `neighbors.png` beside checkpoint.pth.tar, `neighbors-<name>.png` beside another
+    checkpoint file; the current folder for a random network."""
+    if args.random_init:
+        return Path("neighbors-random-init.png")
+    ckpt = Path(args.pretrained)
+    name = ckpt.name.removesuffix(".tar").removesuffix(".pth")
+    return ckpt.parent / ("neighbors.png" if name == "checkpoint" else f"neighbors-{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     n_hits = round(fraction * idx.numel())
     title = (f"{source}\nqueries from {args.split}, their {idx.shape[1]} nearest {args.bank_split} images (cosine, "
              f"{image_size}px): {n_hits}/{idx.numel()} = {100 * fraction:.1f}% share the query's class")
-    out = render(rows, Path(args.out), title)
+    out = render(rows, Path(args.out) if args.out else default_out(args), title)
     print(f"same-class fraction: {fraction:.4f} ({n_hits}/{idx.numel()} neighbours, {len(picked)} queries x k={idx.shape[1]})")
     print(f"wrote {out}")
     return 0

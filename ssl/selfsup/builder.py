@@ -11,7 +11,7 @@ README documents.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
@@ -19,8 +19,11 @@ from .methods import BYOL, METHODS, Method, MoCo, MoCoV3, SimCLR
 from .backbones import ARCHS, backbone_constructor
 from .networks import SplitBatchNorm, compile_networks
 
+if TYPE_CHECKING:
+    from .distributed import DistInfo
+
 __all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "MoCoV3", "SimCLR", "SplitBatchNorm", "backbone_constructor",
-           "build_model", "compile_networks", "method_options"]
+           "build_model", "check_sync_bn", "compile_networks", "method_options"]
 
 
 def method_options(method: str) -> set[str]:
@@ -60,3 +63,22 @@ def build_model(
             raise ValueError("sync_bn and bn_splits > 1 are alternatives; choose one")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def check_sync_bn(requested: bool, accum_iter: int, dist: "DistInfo") -> bool:
+    """Whether the run's BatchNorm is SyncBatchNorm (--sync-bn): in one process without a process
+    group it is plain BatchNorm (a byol/simclr preset on a laptop), which the run records. A
+    UsageError naming the fix where it cannot work: with micro-batches (--accum-iter), which no
+    SyncBN spans, and with several gloo or CPU processes."""
+    from .errors import UsageError
+
+    if requested and accum_iter > 1:
+        raise UsageError(f"--sync-bn normalises over the whole global batch, which {accum_iter} micro-batches never "
+                         "see at once: add --no-sync-bn (each micro-batch then normalises as one GPU's, and the run "
+                         f"equals {dist.world_size * accum_iter} processes without SyncBN)")
+    sync = bool(requested and dist.distributed)
+    if sync and dist.world_size > 1 and (dist.device.type != "cuda" or dist.backend == "gloo"):
+        raise UsageError("--sync-bn (the byol and simclr presets' cross-replica BatchNorm) needs CUDA devices and NCCL; "
+                         "with gloo processes add --no-sync-bn (per-process BatchNorm), or train in one process, "
+                         "whose BatchNorm already sees the whole batch")
+    return sync

@@ -48,10 +48,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create `folder` if needed and make sure files can be created in it."""
+def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Make sure files can be created in `folder`: created if needed - or, without `create`, left
+    as it is, its nearest existing parent checked instead (a run refused later leaves no folder)."""
     folder = Path(folder)
     try:
+        if not create and not folder.exists():
+            parent = next(p for p in folder.absolute().parents if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"'{parent}' is not a folder this process may create folders in")
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass

@@ -52,27 +52,37 @@ SMALL_IMAGE: dict[str, Any] = {"arch": "resnet18", "small_stem": False, "image_s
 # on a CPU; the demo is about seeing the whole pipeline run, not the best accuracy.
 DEMO: dict[str, Any] = {
     "arch": "resnet18", "small_stem": False, "image_size": 32, "epochs": 3, "batch_size": 128,
-    "lr": 0.06, "cos": True, "wd": 5e-4, "workers": 1, "knn_every": 1,
+    "lr": 0.06, "cos": True, "wd": 5e-4, "warmup_epochs": 0.0, "workers": 1, "knn_every": 1,
 }
 
-# Keys of a recipe that document it rather than configure it. `lr_per_256`: lr = lr_per_256 x
-# batch_size / 256 unless --lr is given (the papers' linear scaling rule).
+# Keys of a recipe that document it rather than configure it. `lr_per_256` (in any layer): lr =
+# lr_per_256 x batch_size / 256 unless a higher layer sets lr (the papers' linear scaling rule).
 INFO_KEYS = ("title", "source", "reported", "lr_per_256")
 
 
 def merge(method: type[Method], recipe: Mapping[str, Any] | None, demo: bool,
-          explicit: Mapping[str, Any]) -> dict[str, Any]:
+          explicit: Mapping[str, Any], recipe_name: str | None = None) -> dict[str, Any]:
     """The configuration of `method` from the layers, lowest first: COMMON, the method's
     defaults, the demo's settings (when `demo`) and then the recipe (a preset, or None), and the
-    flags in `explicit` (only those the user set)."""
-    recipe = recipe or {}
-    cfg: dict[str, Any] = {**COMMON, **method.defaults}
+    flags in `explicit` (only those the user set). A layer's `lr_per_256` sets lr = lr_per_256 x
+    batch_size / 256 unless a higher layer sets lr or lr_per_256 itself. `config_sources` says which
+    layer each value comes from (for the start line)."""
+    layers = [("common", COMMON), (f"{method.name}'s defaults", method.defaults)]
     if demo:
-        cfg.update(DEMO)
-        cfg.update(method.demo)
-    cfg.update({k: v for k, v in recipe.items() if k not in INFO_KEYS})
-    cfg.update(explicit)
+        layers += [("the demo", DEMO), ("the demo", method.demo)]
+    layers += [(f"--preset {recipe_name or ''}".strip(), recipe or {}), ("the command line", explicit)]
+    cfg: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    lr_rule: tuple[str, float, str] | None = None  # ("lr" | "lr_per_256", value, layer)
+    for name, layer in layers:
+        for key, value in layer.items():
+            if key in ("lr", "lr_per_256"):
+                lr_rule = (key, value, name)
+            elif key not in INFO_KEYS:
+                cfg[key], sources[key] = value, name
     cfg["method"] = method.name
-    if "lr" not in explicit and "lr_per_256" in recipe:
-        cfg["lr"] = recipe["lr_per_256"] * cfg["batch_size"] / 256
+    kind, value, name = lr_rule
+    cfg["lr"] = value if kind == "lr" else value * cfg["batch_size"] / 256
+    sources["lr"] = name if kind == "lr" else f"{name}: {value:g} x batch / 256"
+    cfg["config_sources"] = sources
     return cfg

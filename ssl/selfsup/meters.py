@@ -107,6 +107,20 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{prefix}{k}", v, step)
             self.tb.flush()
 
+    def first(self, key: str, **where: Any) -> Any:
+        """`key` of the first record holding it whose other values match `where` (None when no
+        record does, or on a disabled writer): what a resumed run reads back of its start."""
+        if not self.enabled or not self.path.is_file():
+            return None
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line
+                continue
+            if key in record and all(record.get(k) == v for k, v in where.items()):
+                return record[key]
+        return None
+
     def scalars(self, values: Mapping[str, Any], step: int, prefix: str = "") -> None:
         """TensorBoard only (not metrics.jsonl): the per-step curves."""
         if self.tb is not None:

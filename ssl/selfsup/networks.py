@@ -206,3 +206,17 @@ def compile_networks(model: nn.Module, device: torch.device) -> str | None:
     for name in getattr(model, "networks", ("encoder_q",)):  # Method.networks
         getattr(model, name).compile()
     return None
+
+
+def compile_or_warn(model: nn.Module, device: torch.device) -> bool:
+    """`compile_networks` for --compile, saying in the log what happened: compiled, or trained
+    uncompiled and why. Returns whether it compiled."""
+    import logging
+
+    reason = compile_networks(model, device)
+    log = logging.getLogger(__name__)
+    if reason:
+        log.warning("--compile skipped, training uncompiled: %s", reason)
+    else:
+        log.info("--compile: networks compiled with torch.compile (the first steps include compilation)")
+    return reason is None

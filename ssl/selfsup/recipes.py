@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 # The method of a command that names none (and of a checkpoint that records none:
 # facebookresearch/moco's), as facebookresearch/moco's scripts are MoCo's.
 DEFAULT_METHOD = "moco"
+# The method of the embedded demo (no data folder, no --method): the one that visibly learns on its
+# 3,000 small images within its default run on 2 CPU cores - SimCLR's online kNN rises above the
+# random network's, MoCo v2's stays below it for its first 10 epochs there (docs/EVALUATION.md,
+# "The demo, measured"). `--method moco` runs MoCo v2's demo.
+DEMO_METHOD = "simclr"
 
 
 def _gather_presets() -> dict[str, dict[str, Any]]:
@@ -76,10 +81,10 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     recipe = PRESETS.get(preset)
     if method is not None and recipe is not None and recipe["method"] != method:
         raise ValueError(f"--preset {preset} is a {recipe['method']} recipe but --method {method} was given")
-    method = method or (recipe or {}).get("method") or DEFAULT_METHOD
+    method = method or (recipe or {}).get("method") or (DEMO_METHOD if demo else DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"unknown --method '{method}'; valid: {', '.join(METHODS)}")
-    return merge(METHODS[method], recipe, demo, explicit)
+    return merge(METHODS[method], recipe, demo, explicit, preset)
 
 
 # main_lincls.py's optimisation flags, which a linear protocol fills.
@@ -119,3 +124,31 @@ def linear_protocol(args: argparse.Namespace, method: str | None, arch: str | No
            + ("cosine" if args.cos else f"x0.1 at {args.schedule}") + f", wd {args.wd:g}, {args.epochs} epochs")
     given_text = f" ({', '.join('--' + k for k in given)} given)" if given else ""
     return f"linear evaluation: {how} - {why}{given_text}; docs/EVALUATION.md"
+
+
+# The optimisation values the start line accounts for, and how it shows each.
+_OPTIMISATION = (("optimizer", "{}"), ("lr", "lr {:g}"), ("wd", "wd {:g}"), ("cos", None), ("warmup_epochs", "warmup {:g}"),
+                 ("epochs", "{} epochs"), ("batch_size", "batch {}"))
+_LAYER_NAMES = {"common": "the common defaults (facebookresearch/moco's main_moco.py)"}
+
+
+def optimisation_line(cfg: dict[str, Any], preset: str | None) -> str:
+    """Where each optimisation value of a run comes from, for the start line: 'optimisation: lars,
+    lr 0.2, wd 1.5e-06, cosine, warmup 10, 1000 epochs: byol's defaults (lr 0.2 x batch / 256);
+    batch 256: the common defaults (...); --preset byol is the paper's recipe'."""
+    sources = cfg.get("config_sources", {})
+    groups: dict[str, list[str]] = {}
+    for key, fmt in _OPTIMISATION:
+        if key == "cos":
+            text = "cosine" if cfg["cos"] else f"x0.1 at {cfg['schedule']}"
+        else:
+            text = fmt.format(cfg[key])
+        layer = sources.get(key if key != "cos" or cfg["cos"] else "schedule", "common")
+        name, _, rule = layer.partition(": ")
+        groups.setdefault(_LAYER_NAMES.get(name, name), []).append(text + (f" = {rule}" if rule else ""))
+    line = "; ".join(f"{', '.join(values)}: {layer}" for layer, values in groups.items())
+    papers = [name for name, recipe in PRESETS.items() if recipe["method"] == cfg["method"]
+              and not name.startswith("small-")]
+    if preset is None and papers:
+        line += f"; the paper's whole recipe: --preset {' / '.join(papers)}"
+    return f"optimisation: {line}"

@@ -23,16 +23,22 @@ process's RNG).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .backbones import vit
 from .checkpoint import CheckpointError, load_checkpoint, plain_args, save_atomic
-from .errors import UsageError
+from .cli import agree_on_error
+from .errors import INPUT_ERRORS, UsageError
 from .methods import METHODS
 from .data import fashion_mnist_root
 from .distributed import DistInfo, broadcast_object
@@ -74,6 +80,20 @@ def run_definition(args: Mapping[str, Any]) -> dict[str, Any]:
         out["data"] = "demo"
     elif out["data"] is not None:
         out["data"] = str((fashion_mnist_root(out["data"]) or Path(out["data"])).resolve())
+    return out
+
+
+def legacy_run_definition(saved: Mapping[str, Any], ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A run definition recorded before a value became part of it, in today's terms: AdamW then
+    left biases, norms and tokens undecayed (--wd-exclude bias-norm-tokens, one more parameter
+    group than today's default), and a ViT-S without a recorded head count had 6 heads (today's
+    deit_small names). (Its ResNets' init, before --zero-init-residual, no longer matters once
+    weights are saved.)"""
+    out = dict(saved)
+    if "wd_exclude" not in out and out.get("optimizer"):
+        out["wd_exclude"] = "bias-norm-tokens" if out["optimizer"] == "adamw" else "none"
+    if ckpt.get("backbone_variant") is None and out.get("arch") in vit.LEGACY_NAMES:
+        out["arch"] = vit.LEGACY_NAMES[out["arch"]]
     return out
 
 
@@ -185,12 +205,26 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: P
     if changes and not accept:
         start_afresh = ("leave out --resume" if explicit else
                         "give it its own folder (--output-dir DIR, or --no-resume for a new folder next to this one)")
+        theirs = " ".join(_as_flag(key, saved[key]) for key in current
+                          if saved.get(key) is not None and current.get(key) is not None and key not in ("data", "method")
+                          and differences(saved, current, [key]))
         raise UsageError(
             f"'{path}' belongs to another run: {'; '.join(changes)}. To start a new run, {start_afresh}; to "
-            "continue that run with the new values, pass --accept-changes.")
+            + (f"continue that run as it was, give its values ({theirs}); " if theirs else "")
+            + "to continue it with the new values, pass --accept-changes.")
     if changes:
         logger.warning("continuing the run of %s with changes (--accept-changes): %s", path, "; ".join(changes))
     return changes
+
+
+def _as_flag(key: str, value: Any) -> str:
+    """main_pretrain.py's flag that gives `key` the value `value`: '--wd-exclude bias-norm-tokens'."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, list):
+        return " ".join([flag, *map(str, value)])
+    return f"{flag} {value}"
 
 
 def claim_fresh_folder(folder: str | Path, dist: DistInfo) -> Path:
@@ -213,6 +247,25 @@ def claim_fresh_folder(folder: str | Path, dist: DistInfo) -> Path:
     return Path(answer)
 
 
+def existing_ancestor(folder: str | Path) -> Path:
+    """The nearest of `folder` and its parents that exists."""
+    folder = Path(folder).absolute()
+    return next(p for p in (folder, *folder.parents) if p.exists())
+
+
+def remove_if_empty(folder: str | Path, keep: str | Path | None = None) -> None:
+    """Remove `folder` when nothing is in it, and its parents as they become empty, up to `keep`
+    (what existed before): the folders made for a run that was then refused."""
+    folder = Path(folder).absolute()
+    keep = Path(keep).absolute() if keep is not None else folder.parent
+    while folder != keep and keep in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
 def _first_free_folder(folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = folder, 1
@@ -225,6 +278,153 @@ def _first_free_folder(folder: Path) -> Path:
                 return candidate  # an empty folder (e.g. one made by hand): nothing to overwrite
         n += 1
         candidate = folder.with_name(f"{folder.name}-{n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per folder
+# ----------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".run.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's field 22), None when
+    no such process exists: with the boot id, what tells a live run from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+class RunLock:
+    """One run per output folder: FOLDER/.run.lock, created atomically (O_EXCL) by rank 0 before
+    the run writes anything there, holding who runs (host, pid, since, SLURM job), and removed when
+    the run ends. A second run into a busy folder is refused in one line naming the first.
+
+    A lock left by a run that died without removing it (killed, out of memory, a machine that
+    restarted) is taken over: same host and that process gone (its pid unused, or reused by a
+    process that started later, or another boot), or the same SLURM job (a requeued job's
+    previous run, which SLURM ended). A lock from another host cannot be checked from here: the
+    message says to delete it when that run is known to be gone. A folder the lock created is
+    removed again on release when the run left nothing in it."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.created_folder = False
+        self.held = False
+
+    def _mine(self) -> dict[str, Any]:
+        pid = os.getpid()
+        return {"host": socket.gethostname(), "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "start": _process_start(pid), "boot": _boot_id(), "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+    def _stale(self, other: dict[str, Any]) -> bool:
+        mine = self._mine()
+        if mine["slurm_job"] and other.get("slurm_job") == mine["slurm_job"]:
+            return True  # this job's previous run: SLURM requeued it, so it ended
+        if other.get("host") != mine["host"]:
+            return False
+        if other.get("boot") and mine["boot"] and other["boot"] != mine["boot"]:
+            return True  # the machine restarted since
+        start = _process_start(int(other.get("pid", -1)))
+        return start is None or (other.get("start") is not None and start != other["start"])
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (creating the folder if needed); a UsageError naming the run that holds it."""
+        if not self.folder.exists():
+            self.existed = existing_ancestor(self.folder)
+            self.folder.mkdir(parents=True)
+            self.created_folder = True
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                except (OSError, ValueError):  # being written, or gone: look again
+                    time.sleep(0.2)
+                    continue
+                if not self._stale(other):
+                    self.release()
+                    raise UsageError(
+                        f"'{self.folder}' is in use by another run (pid {other.get('pid')} on {other.get('host')}, "
+                        f"since {other.get('since')}): wait for it to end or give this run another --output-dir"
+                        + ("" if other.get("host") == socket.gethostname() else
+                           f"; if that run is gone, delete {self.path}"))
+                logger.warning("'%s' was locked by a run that ended without unlocking it (pid %s on %s, since %s): "
+                               "taking it over", self.folder, other.get("pid"), other.get("host"), other.get("since"))
+                self._take_over(other)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._mine(), f)
+            self.held = True
+            return self
+        raise UsageError(f"could not take the lock {self.path}; delete it if no run uses '{self.folder}'")
+
+    def _take_over(self, stale: dict[str, Any]) -> None:
+        """Move the stale lock aside - atomically, and only that one: a lock that changed since it
+        was read (another run took it over first) is put back."""
+        aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if moved != stale:  # not the lock we judged: another run's fresh one
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it, and the folder if the lock created it and the
+        run left nothing in it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        if self.created_folder:
+            remove_if_empty(self.folder, self.existed)
+            self.created_folder = False
+
+
+def run_holding_folder(args: argparse.Namespace, dist: DistInfo, setup: Callable[[], Any],
+                       work: Callable[[Any], int]) -> int:
+    """An entry script's run in its folder (args.output_dir): `setup()` checks every input and
+    builds, writing nothing and running no collective; every process agrees whether it failed (one
+    line, exit status 2, and no folder left for the refused run); then, holding the folder
+    (RunLock, one run per folder), `work(built)` runs and its exit status is returned. With
+    `args.no_resume` the folder is first claimed afresh next to the given one."""
+    existed = existing_ancestor(args.output_dir)
+    built = error = lock = None
+    try:
+        if getattr(args, "no_resume", False):  # one folder for every process, claimed by rank 0
+            args.output_dir = str(claim_fresh_folder(args.output_dir, dist))
+        built = setup()
+        if dist.is_main:  # after every check, before anything is written
+            lock = RunLock(args.output_dir).acquire()
+    except INPUT_ERRORS as e:
+        error = e
+    if agree_on_error(error, dist):
+        if getattr(args, "no_resume", False) and dist.is_main:
+            remove_if_empty(args.output_dir, existed)  # the folder claimed for this run
+        return 2
+    try:
+        return work(built)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def without_stateless_extras(saved: dict, optimizer: torch.optim.Optimizer) -> dict:

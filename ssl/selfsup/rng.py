@@ -149,6 +149,7 @@ class MicroStreams:
     def __init__(self, k: int, cuda: CudaGenerators = CUDA) -> None:
         self.k, self.cuda = k, cuda
         self._states = [None] + [self._capture() for _ in range(1, k)]
+        self._active: int | None = None
 
     def _capture(self) -> dict:
         state = {"torch": torch.get_rng_state()}
@@ -169,6 +170,9 @@ class MicroStreams:
         if j == 0:
             yield
             return
+        if self._active is not None:  # a nested slot would save and restore the wrong stream
+            raise RuntimeError(f"micro-batch {j}'s random stream entered inside micro-batch {self._active}'s")
+        self._active = j
         live = self._capture()
         self._set(self._states[j])
         try:
@@ -176,6 +180,7 @@ class MicroStreams:
         finally:
             self._states[j] = self._capture()
             self._set(live)
+            self._active = None
 
     def captures(self) -> list[dict]:
         """The K streams as `capture_rng_state()` would give them in K processes."""

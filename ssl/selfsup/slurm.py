@@ -43,7 +43,7 @@ from .accumulation import micro_batches
 from .cli import default_workers, report
 from .errors import INPUT_ERRORS, UsageError
 from .distributed import job_port, launch_env
-from .stopping import StopRequest, signal_name
+from .stopping import StopRequest, exit_status, signal_name
 
 WARNING_SECONDS = 120  # the warning signal comes this long before the time limit (SLURM may send it 60 s early)
 # The watchdog's requeue after the warning when no stop checkpoint came: late enough for any step and
@@ -193,9 +193,9 @@ class SubmittedRun:
             requeue.finish(status)
         else:
             status = script.main(args, StopRequest(announce=launch_env().rank == 0))
-        if status:
+        if status and status != exit_status(warning):  # stopped by the warning: requeued, not failed
             raise RuntimeError(f"{self.module}.py ended with exit status {status}; its log above says why")
-        return status
+        return 0
 
     def checkpoint(self, *args, **kwargs):
         """The run submitit resubmits on requeue: this one, resuming from the job folder's latest

@@ -2,7 +2,8 @@
 
 * `StopRequest`: Ctrl-C (SIGINT), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time
   limit or pre-emption, with `--signal=USR1@120`; submitit asks for USR2) become a flag the
-  training loop checks at step boundaries, so it can write a checkpoint and exit with status 0.
+  training loop checks at step boundaries, so it can write a checkpoint and exit with the
+  shell's status for that signal (`exit_status`: 130 for Ctrl-C, 143 for SIGTERM).
   A second Ctrl-C stops at once (KeyboardInterrupt; the scripts report it in one line). The
   loop calls `checkpoint_written()` the moment the stop's checkpoint is on disk, so that a
   launcher can act before the run tears down (selfsup.slurm requeues the job there).
@@ -75,6 +76,12 @@ class StopRequest:
         `on_checkpoint`, which must not wait for those (a requeue that did could come too late)."""
         if self.requested and self.on_checkpoint is not None:
             self.on_checkpoint()
+
+
+def exit_status(signum: int) -> int:
+    """The exit status of a run a signal stopped: 128 + its number, as a shell reports a process
+    that signal ended (130 for Ctrl-C, 143 for SIGTERM), so that `train && evaluate` stops there."""
+    return 128 + int(signum)
 
 
 def signal_name(signum: int | None) -> str:

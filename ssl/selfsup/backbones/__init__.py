@@ -162,17 +162,21 @@ def identify(family: ModuleType, weights: Mapping[str, torch.Tensor], arch: str 
 
 
 def check_record(net: nn.Module, recorded: Mapping[str, Any] | None, what: str) -> None:
-    """A ValueError when `what` (a checkpoint) records another variant than `net`, or records none
-    for a family that needs it: same shapes, other network, never loaded silently."""
+    """A ValueError when `what` (one of this project's checkpoints) holds another variant than
+    `net`: same shapes, other network, never loaded silently. A checkpoint written before they
+    recorded it holds the family's LEGACY_RECORD (a ViT's 6 heads)."""
     mine = record(net)
-    if not mine or recorded == mine:
+    if not mine:
         return
-    if recorded is None:
-        raise ValueError(f"{what} does not record which {family_of(net).TITLE} variant it holds ({', '.join(mine)}), "
-                         f"which its weights cannot tell; this model has {mine}. It was written before checkpoints "
-                         "recorded it (this project's ViTs then had 6 heads: continue it with the 6-head names, "
-                         "deit_small or deit_small_p4), or start a new run")
-    raise ValueError(f"{what} holds a {family_of(net).TITLE} with {dict(recorded)}, this model has {mine}")
+    legacy = recorded is None
+    recorded = getattr(family_of(net), "LEGACY_RECORD", None) if legacy else recorded
+    if recorded == mine:
+        return
+    names = getattr(family_of(net), "LEGACY_NAMES", {})
+    raise ValueError(
+        f"{what} holds a {family_of(net).TITLE} with {dict(recorded or {})}, this model has {mine}"
+        + (f" (it was written before checkpoints recorded the head count, when this project's ViT-S had 6 heads: "
+           f"continue it with -a {' or -a '.join(names.values())})" if legacy and names else ""))
 
 
 def translate_foreign(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> Mapping[str, Any]:

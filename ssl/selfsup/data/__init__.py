@@ -201,6 +201,16 @@ class _Decode(torch.utils.data.Dataset):
         return None
 
 
+def report_unreadable(data_dir: str | os.PathLike, dist: DistInfo, workers: int = 0) -> list[tuple[str, str]]:
+    """--verify-images: decode every image of `data_dir` (the processes share the files) and log
+    each unreadable one on rank 0; they are skipped in training. Returns them."""
+    bad = find_unreadable(find_samples(data_dir)[0], dist, workers)
+    for path, reason in bad:
+        logger.warning("unreadable image: %s (%s)", path, reason)
+    logger.info("--verify-images: %d unreadable file(s) in %s; they will be skipped", len(bad), data_dir)
+    return bad
+
+
 def find_unreadable(samples: Sequence[tuple[str, int]], dist: DistInfo | None = None,
                     workers: int = 0) -> list[tuple[str, str]]:
     """(path, reason) for every file of `samples` that cannot be decoded, on every process.

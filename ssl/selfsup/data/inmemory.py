@@ -30,6 +30,15 @@ from .sampler import ResumableDistributedSampler
 logger = logging.getLogger(__name__)
 
 
+class NotHeldInMemory(ValueError):
+    """Images that cannot be held in memory: `reason` says why, the message adds the fix (the
+    batched backend), which a caller that switches to it by itself leaves out."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; use --aug-backend batched")
+        self.reason = reason
+
+
 class InMemoryImages:
     """Images (uint8, N x C x H x W with C = 1 or 3) and labels (N int64, -1 when unknown).
 
@@ -74,7 +83,7 @@ class InMemoryImages:
     def from_folder(cls, root: str | os.PathLike, max_bytes: int = 4 << 30) -> "InMemoryImages":
         """Decode every image of an ImageFolder (or flat folder) once; grayscale files stay one
         channel unless some file has colour. Unreadable files are skipped with a warning.
-        Raises ValueError if the images differ in size or would need more than `max_bytes`."""
+        Raises NotHeldInMemory if the images differ in size or would need more than `max_bytes`."""
         samples, classes = find_samples(root)
         return cls.from_samples(samples, classes, max_bytes)
 
@@ -98,15 +107,11 @@ class InMemoryImages:
                 size = img.size
                 need = len(samples) * size[0] * size[1] * len(img.getbands())
                 if need > max_bytes:
-                    raise ValueError(
-                        f"{len(samples)} images of {size[0]}x{size[1]} need {need / 2**30:.1f} GiB in memory, "
-                        f"more than the {max_bytes / 2**30:.1f} GiB allowed; use --aug-backend batched"
-                    )
+                    raise NotHeldInMemory(f"{len(samples)} images of {size[0]}x{size[1]} need {need / 2**30:.1f} GiB "
+                                          f"in memory, more than the {max_bytes / 2**30:.1f} GiB allowed")
             if img.size != size:
-                raise ValueError(
-                    f"images held in memory must share one size: {path} is {img.size[0]}x{img.size[1]}, "
-                    f"the first was {size[0]}x{size[1]}; use --aug-backend batched for folders of mixed sizes"
-                )
+                raise NotHeldInMemory(f"images held in memory must share one size: {path} is "
+                                      f"{img.size[0]}x{img.size[1]}, the first was {size[0]}x{size[1]}")
             arrays.append(np.asarray(img))
             labels.append(label)
         if not arrays:

@@ -40,7 +40,7 @@ from . import (FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist_root, find_sam
 from .augmentations import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
 from .batch_augment import TwoViewAugment
 from .crops import TwoCropsDataset, host_to
-from .inmemory import IndexBatchLoader, InMemoryImages
+from .inmemory import IndexBatchLoader, InMemoryImages, NotHeldInMemory
 from .sampler import ResumableDistributedSampler, StepBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def build_memory_pipeline(
 
         where = f"on {dist.device}"
     c, h, w = data.image_shape
-    head = (description or f"{len(data)} images") + (f" ({data.skipped} unreadable left out)" if data.skipped else "")
+    head = description or (f"{len(data)} images" + (f" ({data.skipped} unreadable left out)" if data.skipped else ""))
     description = (
         f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched {where}"
@@ -210,15 +210,17 @@ def build_pretrain_pipeline(
     if backend == "memory":
         try:
             data = InMemoryImages.from_samples(samples, classes, AUTO_MEMORY_MAX_BYTES if auto else 4 << 30)
-        except ValueError as e:
+        except NotHeldInMemory as e:
             if not auto:
                 raise
-            logger.info("not holding the images in memory (%s); using the batched backend", e)
+            logger.info("not holding the images in memory (%s): the batched backend instead", e.reason)
             backend = "batched"
-        else:
+        else:  # the images it holds: the readable ones, the count every later message uses
+            held = f"{len(data)} images ({len(classes) or 'no'} classes) from {data_dir}" + (
+                f" ({data.skipped} unreadable of {len(samples)} left out)" if data.skipped else "")
             return build_memory_pipeline(data, aug=aug, image_size=image_size, batch_size=batch_size, dist=dist,
                                          seed=seed, workers=workers, channels_last=channels_last, out_dtype=out_dtype,
-                                         description=what, data_id=files_id(samples, data_dir), accum=accum)
+                                         description=held, data_id=files_id(samples, data_dir), accum=accum)
 
     sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed, accum=accum)
     pin = dist.device.type == "cuda"

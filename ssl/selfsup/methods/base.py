@@ -49,6 +49,10 @@ class Method(nn.Module):
     * its momentum schedule: `momentum_at(progress)`, None without a momentum network;
     * `last_z`: detached, L2-normalised embeddings (N x dim) of the last step's micro-batch 0,
       which the engine reads for the collapse signal (selfsup.monitor);
+    * `last_pretext`: how well its pretext task is solved on the last micro-batch, as
+      `{name: scalar tensor}` without gradient (`pretext`: the names and how to print them) - the
+      instance-discrimination Acc@1/Acc@5 facebookresearch/moco's progress line shows, BYOL's
+      cosine agreement - which the progress line and metrics.jsonl report;
     * `networks`: the submodules that --compile compiles (the method's own logic stays eager).
 
     Every method keeps the network being trained (backbone + projection head) as `encoder_q`,
@@ -67,10 +71,13 @@ class Method(nn.Module):
     linear: ClassVar[dict[str, Any]] = {}
     run_defining: ClassVar[tuple[str, ...]] = ()
     networks: ClassVar[tuple[str, ...]] = ("encoder_q",)  # what --compile compiles
+    # The pretext metrics of `last_pretext`: name -> label of the progress line.
+    pretext: ClassVar[dict[str, str]] = {"acc1": "Acc@1", "acc5": "Acc@5"}
 
     def __init__(self) -> None:
         super().__init__()
         self.last_z: torch.Tensor | None = None
+        self.last_pretext: dict[str, torch.Tensor] = {}
 
     def prepare(self, micro: list[list[torch.Tensor]], acc: Accumulation) -> "Plan":
         """What the step's loss needs from every micro-batch, without gradient (called under

@@ -36,8 +36,12 @@ class BYOL(MomentumMethod):
     """
 
     name = "byol"
-    defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.996, "aug": "byol", "moco_m_cos": True}
+    # deepmind-research's byol: main_loop.py (1000 epochs) and configs/byol.py's presets for them
+    # (LARS, lr 0.2 x B/256, wd 1.5e-6, 10 warmup epochs, cosine, EMA 0.996).
+    defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.996, "aug": "byol", "moco_m_cos": True,
+                "optimizer": "lars", "lr_per_256": 0.2, "wd": 1.5e-6, "warmup_epochs": 10, "cos": True, "epochs": 1000}
     networks = ("encoder_q", "encoder_k", "predictor")
+    pretext = {"cos": "cos(p, z')"}  # the predictions' cosine agreement with the targets, both views
     flag_options = {"moco_dim": "dim", "mlp_dim": "hidden_dim", "moco_m": "m", "moco_m_cos": "m_cos",
                     "bn_splits": "bn_splits"}
     run_defining = ("moco_dim", "mlp_dim", "moco_m", "moco_m_cos", "bn_splits")
@@ -102,4 +106,6 @@ class BYOL(MomentumMethod):
             self.last_z = F.normalize(z1.detach(), dim=1)
         t1, t2 = plan.targets[j]
         loss = byol_loss(p1, t2).mean() + byol_loss(p2, t1).mean()
+        # Its pretext task: predict the target's projection; each term is 2 - 2 cos(p, z').
+        self.last_pretext = {"cos": 1 - loss.detach() / 4}
         return loss, loss.detach()

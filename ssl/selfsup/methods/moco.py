@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..accumulation import Accumulation
 from ..config import SMALL_IMAGE
 from ..distributed import broadcast
-from ..losses import at_least_fp32, full_precision
+from ..losses import at_least_fp32, full_precision, pretext_accuracy
 from ..backbones import feature_dim, get_head, set_head
 from ..networks import convert_split_batchnorm
 from .base import MomentumMethod, Plan
@@ -235,7 +235,9 @@ class MoCo(MomentumMethod):
         return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
     def objective(self, views: list[torch.Tensor], plan: MoCoPlan, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = F.cross_entropy(*self.logits(views[0], plan, j))
+        logits, labels = self.logits(views[0], plan, j)
+        self.last_pretext = pretext_accuracy(logits, labels)  # the positive key among 1 + K candidates
+        loss = F.cross_entropy(logits, labels)
         return loss, loss.detach()
 
     def finish(self, plan: MoCoPlan) -> None:

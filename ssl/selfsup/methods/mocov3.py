@@ -45,10 +45,12 @@ class MoCoV3(MomentumMethod):
     """
 
     name = "mocov3"
-    # moco-v3's main_moco.py defaults (ResNet-50, 100 epochs); it builds every ResNet with
-    # zero_init_residual=True.
+    # moco-v3's ResNet-50 recipe: main_moco.py's defaults (LARS, lr 0.6 x B/256, wd 1e-6, 10 warmup
+    # epochs, cosine, 100 epochs, m 0.99, T 1.0; every ResNet built with zero_init_residual=True) with
+    # CONFIG.md's --moco-m-cos --crop-min=.2.
     defaults = {"moco_dim": 256, "mlp_dim": 4096, "moco_m": 0.99, "moco_t": 1.0, "moco_m_cos": True,
-                "aug": "mocov3_resnet", "zero_init_residual": True}
+                "aug": "mocov3_resnet", "zero_init_residual": True, "optimizer": "lars", "lr_per_256": 0.6,
+                "wd": 1e-6, "warmup_epochs": 10, "cos": True, "epochs": 100}
     networks = ("encoder_q", "encoder_k", "predictor")
     flag_options = {"moco_dim": "dim", "mlp_dim": "mlp_dim", "moco_m": "m", "moco_t": "T", "moco_m_cos": "m_cos",
                     "bn_splits": "bn_splits"}
@@ -106,8 +108,8 @@ class MoCoV3(MomentumMethod):
             "reported": "docs/RESULTS.md, Fashion-MNIST",
         },
     }
-    demo = {"moco_dim": 128, "mlp_dim": 512, "moco_m": 0.99, "moco_t": 0.2, "aug": "byol", "lr": 0.06,
-            "warmup_epochs": 0.3}
+    demo = {"moco_dim": 128, "mlp_dim": 512, "moco_m": 0.99, "moco_t": 0.2, "aug": "byol", "optimizer": "sgd",
+            "lr": 0.06, "warmup_epochs": 0.3}
     # moco-v3's main_lincls.py: SGD, lr x B/256 (its default 0.1 for ResNets; CONFIG.md's --lr=3 for
     # ViTs), wd 0, 90 epochs, cosine; the head is the family's (`fc` / `head`).
     linear = {"optimizer": "sgd", "lr_per_256": 0.1, "nesterov": False, "wd": 0.0, "cos": True, "schedule": [],
@@ -160,5 +162,8 @@ class MoCoV3(MomentumMethod):
         if j == 0:
             self.last_z = F.normalize(q1.detach().float(), dim=1)
         first = plan.acc.rank(j) * q1.shape[0]  # this micro-batch's positives among the gathered keys
-        loss = infonce_against(q1, plan.k2, self.T, first) + infonce_against(q2, plan.k1, self.T, first)
+        loss1, acc1 = infonce_against(q1, plan.k2, self.T, first)
+        loss2, acc2 = infonce_against(q2, plan.k1, self.T, first)
+        self.last_pretext = {k: (acc1[k] + acc2[k]) / 2 for k in acc1}  # the positive key among the global batch's
+        loss = loss1 + loss2
         return loss, loss.detach()
