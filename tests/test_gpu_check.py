@@ -169,7 +169,9 @@ def test_gpu_check_dry_run_passes_within_its_budgets_and_writes_its_summaries(tm
     # Every bench row is judged against its threshold: the host waits on the CPU too, the GPU's
     # ratios not applicable here.
     bench = [c for c in checks if c["part"] == "bench"]
-    assert len(bench) == 5 and all(c["detail"].startswith("threshold ") for c in bench), bench
+    # MoCo v2's and MoCo v3's bf16 steps, the engine, its host waits, --accum-iter's memory and time, the pipeline
+    assert len(bench) == 7 and all(c["detail"].startswith("threshold ") for c in bench), bench
+    assert len([c for c in bench if "--accum-iter 4 against 1" in c["name"]]) == 2
     assert [c["status"] for c in bench if "host waits" in c["name"]] == ["PASS"]
     assert {c["status"] for c in bench if "host waits" not in c["name"]} == {"N/A"}
     assert result["bench"]["host_waits_per_step"] == [1, 1, 1, 1]

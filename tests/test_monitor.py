@@ -59,7 +59,7 @@ def test_online_knn_under_two_processes_evaluates_one_model(tmp_path):
                      "--knn-k", "5", "-p", "100", "--output-dir", str(out)], PROBE_DIR=str(probe))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
-    for n in (0, 1):  # the evaluations after epochs 0 and 1
+    for n in (0, 1, 2):  # the evaluations before training and after epochs 0 and 1
         rank0, rank1 = load(probe / f"rank0_{n}.pt"), load(probe / f"rank1_{n}.pt")
         assert len(rank0) == 40  # resnet18: 20 BatchNorm layers
         for k in rank0:

@@ -87,8 +87,12 @@ def test_a_process_group_of_one_changes_nothing(method, folder, tmp_path):
 def assert_same_state(a, b):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    # every optimizer state tensor, whatever the optimizer names it (SGD momentum_buffer, LARS mu, AdamW's)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+        assert v.keys() == b["optimizer"]["state"][k].keys() and v, k
+        for name, t in v.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(b["optimizer"]["state"][k][name])), (k, name)
 
 
 @pytest.mark.e2e

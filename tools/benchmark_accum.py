@@ -99,6 +99,12 @@ def measure(method: str, k: int, arch: str, image_size: int, batch: int, steps: 
             "peak_mib": (peak - base["bytes"]) / 2**20}
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is not positive: on a CPU, in a process that ran other steps before, the
+    peak memory K = 1 adds above its warm-up step can be 0 (the allocator reuses what was held)."""
+    return a / b if b > 0 else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["floor_s"] = k * json.loads(floor.stdout.strip().splitlines()[-1])["step_s"]
             else:
                 row["floor_s"] = row["step_s"]
-            row["time_x"], row["memory_x"] = row["step_s"] / first["step_s"], row["peak_mib"] / first["peak_mib"]
+            row["time_x"], row["memory_x"] = (ratio(row[f], first[f]) for f in ("step_s", "peak_mib"))
             rows.append(row)
             print(f"{method:8s} {k:3d} {row['micro_batch']:6d} {row['step_s']:8.3f} {row['time_x']:6.2f} "
                   f"{row['step_s'] / row['floor_s']:8.2f} {row['peak_mib']:9.0f} {row['memory_x']:6.2f}", flush=True)
