@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: a plain clone finds selfsup in its ssl/)
 
-from selfsup.backbones import ARCH_HELP, ARCHS, Features
+from selfsup.backbones import ARCH_HELP, ARCHS
 from selfsup.checkpoint import check_writable
 from selfsup.cli import agree_on_error, check_numbers, default_workers, evaluation_folder, per_process_batch, report
 from selfsup.data import DEMO_ROOT
@@ -35,6 +35,10 @@ from selfsup.probe import build_probe, eval_transform, linear_eval_datasets, loa
 logger = logging.getLogger("main_knn")
 
 
+# The neighbours reported by default: InstDisc's and MoCo's 200; DINO's eval_knn.py --nb_knn list.
+DEFAULT_K = {None: (200,), "dino": (10, 20, 100, 200)}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Weighted k-NN evaluation", add_help=False)
     p.add_argument("data", nargs="?", default=None,
@@ -45,8 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", default=None, type=int,
                    help="data loading workers per process (default: CPUs per process - 1)")
     p.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch of the feature extraction (default: 256)")
-    p.add_argument("--k", "--nb-knn", default=[200], nargs="+", type=int, dest="k",
-                   help="numbers of neighbours to report (default: 200)")
+    p.add_argument("--k", "--nb-knn", default=None, nargs="+", type=int, dest="k",
+                   help="numbers of neighbours to report (default: 200; a DINO checkpoint: 10 20 100 200, as "
+                        "DINO's eval_knn.py, whose README reports 20-NN)")
     p.add_argument("-t", "--temperature", default=0.07, type=float, help="temperature of the vote weights (default: 0.07)")
     p.add_argument("--image-size", default=None, type=int,
                    help="input size (default: the pretraining crop size recorded in the checkpoint, else 224)")
@@ -66,7 +71,10 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         image_size = args.image_size or pretrained.image_size or 224
         transform = eval_transform(image_size)
         train_ds, val_ds, classes = linear_eval_datasets(args.data, transform, transform)
+        # The default features, whatever a linear protocol reads: DINO's eval_knn.py takes `model(inp)`,
+        # a ViT's cls token after the final norm, not eval_linear.py's last blocks.
         probe = build_probe(pretrained.arch, pretrained.small_stem, len(classes), pretrained.weights)
+        args.k = args.k or list(DEFAULT_K.get(pretrained.method, DEFAULT_K[None]))
     except INPUT_ERRORS as e:
         error = e
     if agree_on_error(error, dist_info):
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     setup_logging(dist_info.rank, args.output_dir)
     val_ds = readable(val_ds, "the validation set", dist_info, args.workers)  # the bank: left out at extraction
     device = dist_info.device
-    backbone = Features(probe.backbone.to(device))
+    backbone = probe.to(device).trunk()
     logger.info("%s %s at %dpx from %s; %d classes, %d train / %d val images from %s; %d process(es) on %s",
                 pretrained.arch, "small stem" if pretrained.small_stem else "standard stem", image_size,
                 args.pretrained, len(classes), len(train_ds), len(val_ds), args.data, dist_info.world_size, device)
@@ -112,7 +120,7 @@ def cli(argv: list[str] | None = None) -> int:
         check_numbers(args, positive=("batch_size", "k", "temperature", "image_size"), non_negative=("workers",))
     except UsageError as e:
         return report(e)
-    args.k = list(dict.fromkeys(args.k))  # --k 200 200: one row
+    args.k = list(dict.fromkeys(args.k)) if args.k else None  # --k 200 200: one row
     args.demo = args.data is None
     if args.demo:
         args.data = str(DEMO_ROOT)

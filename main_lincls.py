@@ -160,6 +160,7 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
         for key in PROTOCOL_FLAGS:
             if getattr(args, key) is None and (ckpt.get("args") or {}).get(key) is not None:
                 setattr(args, key, ckpt["args"][key])
+    args.features = ckpt.get("features", {}) if ckpt is not None else None  # the classifier's, else the protocol's
     args.protocol = linear_protocol(args, pretrained.method if pretrained else None, pretrained.arch if pretrained else None)
     check_numbers(args, positive=("epochs", "batch_size", "lr", "image_size"),
                   non_negative=("workers", "wd", "momentum", "schedule", "print_freq"))
@@ -179,7 +180,8 @@ def prepare(args: argparse.Namespace, dist_info: DistInfo) -> Setup:
     configure_kernels(deterministic=False)  # fixed-size batches: cuDNN's autotuner
     torch.manual_seed(args.seed)
     feature_bn = args.feature_bn or bool((ckpt or {}).get("feature_bn"))
-    probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None, feature_bn)
+    probe = build_probe(arch, small_stem, len(classes), pretrained.weights if pretrained else None, feature_bn,
+                        args.features)
     probe.to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, probe.fc.parameters(), args.lr, args.momentum, args.wd, args.nesterov)
     setup = Setup(probe, pretrained, train_ds, val_ds, classes, optimizer, sampler, local_batch, arch, small_stem,

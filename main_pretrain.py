@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Self-supervised pretraining: MoCo v1/v2, MoCo v3, BYOL or SimCLR, one DDP process per GPU.
+r"""Self-supervised pretraining: MoCo v1/v2, MoCo v3, BYOL, SimCLR or DINO, one DDP process per GPU.
 
     python main_pretrain.py                                   # the embedded demo, one CPU process
     python main_pretrain.py --method byol /path/to/folder     # one process (a GPU if there is one)
@@ -59,11 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     """
     p = argparse.ArgumentParser("Self-supervised pretraining", add_help=False)
     by_method = recipes.defaults_by_method  # each method's default, for the help
-    p.add_argument("data", nargs="?", default=None,
-                   help="ImageFolder root (ROOT/train/<class>/..., class folders, or a folder of images), or "
-                        "Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
-    # No argparse `choices` for these two: an unknown name is one line naming the valid ones
-    # (recipes.resolve), not the whole usage before it.
+    p.add_argument("data", nargs="?", default=None, help="ImageFolder root (ROOT/train/<class>/...), a folder of images, "
+                   "or Fashion-MNIST ('fashion-mnist' or its idx folder); omit it for the embedded demo")
+    # No `choices`: an unknown name is one line naming the valid ones (recipes.resolve), no usage.
     p.add_argument("--method", default=None,
                    help=f"{', '.join(METHODS)} (default: {recipes.DEFAULT_METHOD}; the demo without a data folder: "
                         f"{recipes.DEMO_METHOD})")
@@ -86,9 +84,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="ViTs: freeze the random patch projection (moco-v3's stabiliser; its ViT presets)")
     g.add_argument("--zero-init-residual", default=None, action=argparse.BooleanOptionalAction,
                    help=f"ResNets: zero the last BatchNorm of each residual block ({by_method('zero_init_residual')})")
+    g.add_argument("--vit-init", default=None, choices=("mocov3", "dino"),
+                   help="ViTs: moco-v3's fixed sin-cos position embedding and init (default), or DINO's learned ones")
+    g.add_argument("--drop-path-rate", default=None, type=float, help="ViTs: stochastic depth (DINO's student: 0.1)")
     g.add_argument("--moco-dim", default=None, type=int, help=f"output dim ({by_method('moco_dim')})")
     g.add_argument("--moco-k", default=None, type=int, help=f"MoCo queue size ({by_method('moco_k')})")
-    g.add_argument("--moco-m", default=None, type=float, help=f"key/target encoder momentum ({by_method('moco_m')})")
+    g.add_argument("--moco-m", "--momentum-teacher", default=None, type=float, dest="moco_m",
+                   help=f"key/target encoder (DINO: teacher) momentum ({by_method('moco_m')})")
     g.add_argument("--moco-t", default=None, type=float, help=f"softmax temperature ({by_method('moco_t')})")
     g.add_argument("--moco-m-cos", default=None, action=argparse.BooleanOptionalAction,
                    help=f"raise the momentum to 1 along a cosine (BYOL's schedule; {by_method('moco_m_cos')})")
@@ -113,9 +115,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="initial learning rate (default: 0.03; BYOL/SimCLR presets scale it with the batch)")
     g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="sgd (default), lars, or adamw")
     g.add_argument("--wd-exclude", default=None, choices=WD_EXCLUDE,
-                   help="parameters without weight decay: none (default; moco-v3's AdamW, MoCo's SGD), bias-norm "
-                        "(biases and 1-D parameters: DINO), bias-norm-tokens (also a ViT's position embedding and "
-                        "tokens: timm, MAE); LARS never decays 1-D parameters")
+                   help="no weight decay on: none (default; moco-v3, MoCo), bias-norm (biases, 1-D: DINO), "
+                        "bias-norm-tokens (and a ViT's position embedding and tokens: timm, MAE)")
     g.add_argument("--classic-momentum", default=None, action=argparse.BooleanOptionalAction,
                    help="LARS with the lr inside the momentum, as SimCLR's code (default for SimCLR; see optim.LARS)")
     g.add_argument("--lars-eta", default=None, type=float,
@@ -126,7 +127,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default=None, nargs="*", type=int,
                    help="epochs at which to drop the lr by 10x when not --cos (default: 120 160)")
     g.add_argument("--warmup-epochs", default=None, type=float, help="linear lr warmup epochs (default: 0)")
+    g.add_argument("--min-lr", default=None, type=float, help="the cosine schedule's floor (default 0; DINO 1e-6)")
+    g.add_argument("--weight-decay-end", default=None, type=float,
+                   help="weight decay along a cosine from --wd to this (DINO: 0.04 -> 0.4; default: constant)")
     g.add_argument("--seed", default=0, type=int, help="seed of initialisation, data order and augmentation (default: 0)")
+    for method in METHODS.values():  # each method's own flags (Method.flags)
+        if method.flags:
+            g = p.add_argument_group(f"{method.name} (its reference's flags)")
+            for flag, options in method.flags:
+                g.add_argument(flag, default=None, **options)
     g = p.add_argument_group("distributed (torchrun needs none of these)")
     add_device_args(g, moco_gpu=True)
     add_moco_launcher_args(g)
@@ -135,38 +144,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where checkpoints and logs go (default: runs/<method>-<arch>-<data folder name>)")
     g.add_argument("--resume", default="", type=str,
                    help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pth.tar if present)")
-    g.add_argument("--no-resume", action="store_true",
-                   help="start afresh: in OUTPUT_DIR-2 (-3, ...) when OUTPUT_DIR holds a run already")
-    g.add_argument("--accept-changes", action="store_true",
-                   help="continue the run in OUTPUT_DIR although data or hyperparameters changed (refused otherwise)")
+    g.add_argument("--no-resume", action="store_true", help="start afresh, in OUTPUT_DIR-2 (-3, ...) if it holds a run")
+    g.add_argument("--accept-changes", action="store_true", help="continue OUTPUT_DIR's run with changed values")
     g.add_argument("--start-epoch", default=None, type=int, help="manual epoch number (useful on restarts)")
     g.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_%%04d.pth.tar every N epochs")
-    g.add_argument("--save-every-epochs", default=1, type=int,
-                   help="write the checkpoint every N epochs and after the last (default: 1; a stop always writes one)")
-    g.add_argument("--save-every-steps", default=0, type=int,
-                   help="also checkpoint every N optimizer steps (global count; 0: only at epoch ends)")
+    g.add_argument("--save-every-epochs", default=1, type=int, help="checkpoint every N epochs and after the last")
+    g.add_argument("--save-every-steps", default=0, type=int, help="also checkpoint every N optimizer steps (0: off)")
     g = p.add_argument_group("monitoring")
     g.add_argument("-p", "--print-freq", default=10, type=int, help="print every N steps (default: 10)")
     g.add_argument("--knn-every", default=None, type=int,
                    help="online kNN accuracy every N epochs on --knn-data (0: off; default: 0, demo: 1)")
-    g.add_argument("--knn-data", default=None,
-                   help="labelled root with train/ and val/ class folders for --knn-every (default: the data root)")
+    g.add_argument("--knn-data", default=None, help="labelled root with train/ and val/ for it (default: the data)")
     g.add_argument("--knn-k", default=200, type=int, help="neighbours of the online kNN (default: 200)")
     g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the online kNN (default: 0.07)")
-    g.add_argument("--knn-subset", default=None, type=int,
-                   help="online kNN on at most N bank images and N/5 queries (a fixed random subset)")
+    g.add_argument("--knn-subset", default=None, type=int, help="online kNN on at most N bank images, N/5 queries")
     g = p.add_argument_group("performance")
-    g.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision (default: none)")
+    g.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="mixed precision (default: none)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--aug-backend", default="auto", choices=AUG_BACKENDS,
-                   help="where augmentation runs (docs/PERFORMANCE.md): batched = decode + crops in the workers, "
-                        "colour on the device; memory = the whole dataset in memory, everything batched on the "
-                        "device; reference = per-image PIL in the workers (as facebookresearch/moco); auto "
-                        "(default) = memory for images of at most 64 pixels, else batched")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks (skipped with a warning where unsupported)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (cuDNN; otherwise its autotuner is on); on CPU runs are deterministic already")
+                   help="auto (default: memory up to 64 px, else batched), batched (crops in the workers, colour on "
+                        "the device), memory, reference (MoCo's per-image PIL); docs/PERFORMANCE.md")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (where it works, else a warning)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (cuDNN's autotuner off)")
     return p
 
 
@@ -205,7 +204,7 @@ def build(args: argparse.Namespace, dist_info: DistInfo):
     pipeline = build_pretrain_pipeline(str(data_dir), aug=args.aug, image_size=args.image_size, batch_size=local_batch,
                                        workers=args.workers, dist=dist_info, seed=args.seed, backend=args.aug_backend,
                                        channels_last=args.channels_last, out_dtype=AMP_DTYPES[args.amp] or torch.float32,
-                                       accum=args.accum_iter)
+                                       accum=args.accum_iter, aug_options=recipes.aug_options(vars(args)))
     args.data_id = pipeline.data_id  # what the data is, for the run definition (selfsup.resume.run_definition)
     configure_kernels(args.deterministic)
     torch.manual_seed(args.seed)
@@ -267,6 +266,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, stop: StopRequest | None,
                       schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
                       print_freq=args.print_freq, global_batch=args.batch_size, dist=dist_info,
                       stop=stop or StopRequest(announce=dist_info.is_main), acc=Accumulation(args.accum_iter, streams),
+                      min_lr=args.min_lr, wd=args.wd, wd_end=args.weight_decay_end,
                       scalars=lambda values, step: metrics.scalars(values, step, "pretrain_step/"))
     try:
         # The key/target network has requires_grad=False, so DDP ignores it: no unused parameters.

@@ -29,6 +29,7 @@ import _bootstrap  # noqa: E402,F401  (a plain clone finds selfsup in its ssl/)
 from selfsup.backbones import resnet  # noqa: E402
 from selfsup.checkpoint import (  # noqa: E402
     CheckpointError,
+    backbone_prefixes,
     extract_backbone,
     find_backbone,
     infer_arch_info,
@@ -79,7 +80,7 @@ def _group(key: str) -> str:
 def convert(checkpoint: dict) -> Conversion:
     """Convert a loaded checkpoint (see the module docstring) to Detectron2 names."""
     state = model_state_dict(checkpoint)
-    prefix, family = find_backbone(state)
+    prefix, family = find_backbone(state, backbone_prefixes(checkpoint))  # DINO: its teacher, as its evaluations
     if family is not resnet:
         raise CheckpointError(f"the checkpoint holds a {family.TITLE} backbone: detection transfer here is for ResNets")
     backbone = extract_backbone(checkpoint)  # the one extraction shared with lincls and detection

@@ -35,6 +35,7 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "byol": {"hidden_dim": 32},
     "simclr": {"hidden_dim": 32},
     "mocov3": {"mlp_dim": 32, "T": 0.2},
+    "dino": {"out_dim": 32},
 }
 
 

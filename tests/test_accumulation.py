@@ -20,7 +20,8 @@ RUN = ["-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2", "--mo
        "-p", "1", "--seed", "5", "-j", "0", "--device", "cpu"]
 # MoCo with shuffle BN's cross-process permutation and the one-process sub-batch permutations
 # (each micro-batch's random stream).
-EXTRA = {"moco": ["--bn-splits", "2", "--moco-k", "16"]}
+EXTRA = {"moco": ["--bn-splits", "2", "--moco-k", "16"],
+         "dino": ["--aug", "dino", "--local-crops-number", "2", "--local-crops-size", "8"]}  # multi-crop: 2 x 16 + 2 x 8 px
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +222,7 @@ def test_the_momentum_network_moves_once_per_step_and_the_statistics_with_micro_
             objective, _ = model(*views, plan=plan, micro=j)
             (objective / 2).backward()
     model.finish(plan)
+    model.after_optimizer_step()  # as the engine calls it (DINO's EMA comes after the step)
     if hasattr(model, "encoder_k"):  # exactly one EMA step: m * target + (1 - m) * online
         m = model.m
         for name, p in model.encoder_k.named_parameters():
@@ -279,17 +281,20 @@ def test_accum_is_not_part_of_what_defines_a_run():
     assert "accum_iter" not in RUN_DEFINING and "micro_batch" not in RUN_DEFINING
 
 
+@pytest.mark.parametrize("aug, sizes", [("byol", [16, 16]), ("dino", [16, 16, 8, 8])])  # DINO: 2 global, 2 local crops
 @pytest.mark.parametrize("backend, workers", [("memory", 0), ("memory", 1), ("batched", 0), ("batched", 1),
                                               ("reference", 0)])
-def test_each_micro_batch_gets_the_views_of_the_process_it_stands_for(backend, workers, tmp_path):
+def test_each_micro_batch_gets_the_views_of_the_process_it_stands_for(backend, workers, aug, sizes, tmp_path):
     from selfsup.data.pipeline import build_pretrain_pipeline
     from selfsup.distributed import DistInfo
 
     make_image_folder(tmp_path, classes=2, per_class=6, size=28 if backend == "memory" else 40, ext="png")
+    options = {"local_crops_number": 2, "local_size": 8} if aug == "dino" else None
 
     def steps(rank, world, batch, accum):
-        p = build_pretrain_pipeline(str(tmp_path), aug="byol", image_size=16, batch_size=batch, workers=workers,
-                                    dist=DistInfo(rank=rank, world_size=world), seed=3, backend=backend, accum=accum)
+        p = build_pretrain_pipeline(str(tmp_path), aug=aug, image_size=16, batch_size=batch, workers=workers,
+                                    dist=DistInfo(rank=rank, world_size=world), seed=3, backend=backend, accum=accum,
+                                    aug_options=options)
         p.sampler.set_epoch(1)
         return [p.views(views, 1, i) for i, (views, _, _) in enumerate(p.loader)]
 
@@ -299,5 +304,6 @@ def test_each_micro_batch_gets_the_views_of_the_process_it_stands_for(backend, w
     for step, views in enumerate(micro):
         assert len(views) == 2
         for j in range(2):
+            assert [v.shape[-1] for v in views[j]] == [v.shape[-1] for v in alone[j][step][0]] == sizes
             for a, b in zip(views[j], alone[j][step][0]):
                 assert torch.equal(a, b), (step, j)

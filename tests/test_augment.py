@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import PIL
 import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from selfsup.data.augmentations import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, get_preset
-from selfsup.data.batch_augment import (BatchAugment, TwoViewAugment, adjust_brightness_, adjust_contrast_, adjust_hue,
+from selfsup.data.augmentations import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, build_multi_crop_transform,
+                                        get_preset)
+from selfsup.data.batch_augment import (BatchAugment, ViewsAugment, adjust_brightness_, adjust_contrast_, adjust_hue,
                               adjust_saturation_, gaussian_blur_pil_, rgb_to_gray, sample_view_params, solarize_)
-from selfsup.data.crops import resized_crop, sample_crop_box, sample_crop_boxes
+from selfsup.data.crops import CropsDataset, resized_crop, sample_crop_box, sample_crop_boxes
 from selfsup.rng import augment_generator, seeded
 
 
@@ -203,8 +205,7 @@ def torchvision_view(img: torch.Tensor, spec: ViewSpec, p, i: int) -> torch.Tens
 @pytest.mark.parametrize("preset", ["moco_v1", "moco_v2", "byol", "simclr"])
 def test_whole_view_matches_torchvision_per_image_with_the_same_parameters(preset):
     x8 = smooth_images(12, 14, 18, seed=7)
-    views = get_preset(preset, 224)
-    for spec in {views.view1, views.view2}:
+    for spec in set(get_preset(preset, 224).views):
         aug = BatchAugment(spec, chunk_bytes=4 * 3 * 14 * 18 * 4)  # chunks of 4: several sorts
         p = aug.sample_params(12, torch.Generator().manual_seed(3))
         p.jitter[:3] = True  # make sure every branch is exercised
@@ -216,7 +217,7 @@ def test_whole_view_matches_torchvision_per_image_with_the_same_parameters(prese
 
 def test_output_dtype_memory_format_and_chunking():
     x8 = smooth_images(9)
-    spec = AUGMENTATIONS["byol"].view2
+    spec = AUGMENTATIONS["byol"].views[1]
     p = sample_view_params(spec, 9, torch.Generator().manual_seed(0))
     whole = BatchAugment(spec, chunk_bytes=0)(x8, params=p)
     chunked = BatchAugment(spec, chunk_bytes=2 * 3 * 24 * 32 * 4)(x8, params=p)
@@ -228,7 +229,7 @@ def test_output_dtype_memory_format_and_chunking():
 
 def test_same_step_same_views_other_step_other_views():
     x8 = smooth_images(4)
-    aug = TwoViewAugment(AUGMENTATIONS["moco_v2"], 24)
+    aug = ViewsAugment(AUGMENTATIONS["moco_v2"], 24)
     a = aug([x8, x8], augment_generator(0, 1, 2, 0))
     b = aug([x8, x8], augment_generator(0, 1, 2, 0))
     c = aug([x8, x8], augment_generator(0, 1, 3, 0))
@@ -246,7 +247,7 @@ def binomial_ok(hits: int, n: int, p: float) -> bool:
 @pytest.mark.parametrize("preset", list(AUGMENTATIONS))
 def test_parameter_distributions_match_the_preset(preset):
     n = 20000
-    for spec in (AUGMENTATIONS[preset].view1, AUGMENTATIONS[preset].view2):
+    for spec in dict.fromkeys(AUGMENTATIONS[preset].views):  # each distinct view
         p = sample_view_params(spec, n, torch.Generator().manual_seed(11))
         for flag, prob in ((p.jitter, spec.jitter_p), (p.grayscale, spec.grayscale_p), (p.blur, spec.blur_p),
                            (p.solarize, spec.solarize_p)):
@@ -337,7 +338,7 @@ def test_gathered_subsets_give_the_same_views_as_slices(monkeypatch):
     import selfsup.data.batch_augment as augment
 
     x8 = smooth_images(10)
-    spec = AUGMENTATIONS["byol"].view1
+    spec = AUGMENTATIONS["byol"].views[0]
     p = sample_view_params(spec, 10, torch.Generator().manual_seed(2))
     sliced = BatchAugment(spec)(x8, params=p)
     monkeypatch.setattr(augment, "MAX_RUNS", 0)  # write back with index_copy_
@@ -345,3 +346,206 @@ def test_gathered_subsets_give_the_same_views_as_slices(monkeypatch):
     monkeypatch.setattr(augment, "_runs", lambda mask: [(int(i), 1) for i in torch.nonzero(mask).squeeze(1)] * 2)
     gathered = BatchAugment(spec)(x8, params=p)
     torch.testing.assert_close(gathered, sliced, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- bicubic resize
+
+# Pillow 13 resizes vertically first when the height shrinks by more than twice as many pixels as
+# the width (python-pillow/Pillow#9549); earlier versions always resize horizontally first.
+PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def pil_filter(interpolation: str):
+    """Pillow's filters (Resample.c): (function, support)."""
+    def bilinear(x):
+        x = abs(x)
+        return 1.0 - x if x < 1.0 else 0.0
+
+    def bicubic(x, a=-0.5):
+        x = abs(x)
+        if x < 1.0:
+            return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+        if x < 2.0:
+            return (((x - 5) * x + 8) * x - 4) * a
+        return 0.0
+
+    return {"bilinear": (bilinear, 1.0), "bicubic": (bicubic, 2.0)}[interpolation]
+
+
+def pil_coefficients(in_size: int, out_size: int, interpolation: str, fixed_point: bool) -> np.ndarray:
+    """Pillow's precompute_coeffs as an out x in matrix, normalised over the window; with
+    `fixed_point`, as normalize_coeffs_8bpc rounds them (22 fractional bits)."""
+    filt, support = pil_filter(interpolation)
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    m = np.zeros((out_size, in_size))
+    for xx in range(out_size):
+        centre = (xx + 0.5) * scale
+        xmin, xmax = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+        k = [filt((x - centre + 0.5) * (1.0 / filterscale)) for x in range(xmin, xmax)]
+        ww = sum(k)
+        m[xx, xmin:xmax] = [v / ww for v in k] if ww != 0.0 else k
+    if fixed_point:
+        m = np.where(m < 0, np.trunc(-0.5 + m * (1 << 22)), np.trunc(0.5 + m * (1 << 22)))
+    return m
+
+
+def pil_resize_reference(a: np.ndarray, size: int, interpolation: str, rounding: bool) -> np.ndarray:
+    """Pillow's resize of an H x W x C uint8 image to size x size written out: two separable
+    passes (a pass only where the size changes), in Pillow's order, each clipped to 0..255;
+    `rounding` reproduces Pillow's fixed point and its uint8 result after each pass, otherwise
+    the same in float, clipped but not rounded."""
+    h, w = a.shape[:2]
+    wy = pil_coefficients(h, size, interpolation, rounding)
+    wx = pil_coefficients(w, size, interpolation, rounding)
+
+    def apply(m, v, axis):
+        if m.shape[0] == m.shape[1]:  # Pillow skips a pass that keeps the size
+            return v
+        out = np.einsum("oi,hic->hoc", m, v) if axis == 1 else np.einsum("oi,iwc->owc", m, v)
+        if rounding:
+            out = np.floor((out + (1 << 21)) / (1 << 22))
+        return np.clip(out, 0, 255)
+
+    v = a.astype(np.int64 if rounding else np.float64)
+    if PILLOW_VERTICAL_FIRST and h > size and h - size > 2 * (w - size):
+        return apply(wx, apply(wy, v, 0), 1)
+    return apply(wy, apply(wx, v, 1), 0)
+
+
+# (top, left, h, w) on a 60 x 70 image and the output size: shrinking, enlarging, both at once,
+# vertical-first cases, a side that keeps its size, one-pixel crops.
+RESIZE_CASES = [((0, 0, 60, 70), 24), ((3, 5, 44, 8), 16), ((10, 2, 8, 44), 16), ((7, 30, 34, 22), 32),
+                ((20, 20, 5, 7), 32), ((0, 0, 1, 1), 8), ((30, 40, 20, 16), 16), ((1, 3, 16, 30), 16),
+                ((0, 61, 60, 9), 24), ((12, 9, 40, 31), 16)]
+
+
+def noise_image(h: int, w: int, seed: int) -> np.ndarray:
+    """Uniform noise: the strongest bicubic overshoot, where Pillow's clipping between passes shows."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_resize_rewrite_is_pillow_bit_for_bit(interpolation):
+    pil_mode = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    for i, ((t, l, h, w), size) in enumerate(RESIZE_CASES):
+        for a in (noise_image(60, 70, i), smooth_images(1, 60, 70, seed=i)[0].permute(1, 2, 0).numpy()):
+            pil = np.asarray(Image.fromarray(a).crop((l, t, l + w, t + h)).resize((size, size), pil_mode))
+            ours = pil_resize_reference(a[t : t + h, l : l + w], size, interpolation, rounding=True)
+            np.testing.assert_array_equal(ours, pil, err_msg=f"{(t, l, h, w)} -> {size}")
+
+
+def test_batched_bicubic_resize_is_pillows_filter_without_its_rounding():
+    """The memory backend's bicubic crops (DINO's): Pillow's filter in float, clipped after each
+    pass in Pillow's order; from Pillow itself only by its uint8 rounding."""
+    for seed in range(2):
+        a = noise_image(60, 70, seed) if seed == 0 else smooth_images(1, 60, 70, seed=4)[0].permute(1, 2, 0).numpy()
+        x8 = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
+        for k, ((t, l, h, w), size) in enumerate(RESIZE_CASES):
+            flip = bool(k % 2)
+            ours = resized_crop(x8, torch.tensor([[t, l, h, w]]), size, torch.tensor([flip]), "bicubic")[0]
+            ours = (ours * 255).permute(1, 2, 0).numpy()
+            ref = pil_resize_reference(a[t : t + h, l : l + w], size, "bicubic", rounding=False)
+            ref = ref[:, ::-1] if flip else ref
+            np.testing.assert_allclose(ours, ref, atol=5e-3, rtol=0, err_msg=f"{(t, l, h, w)} -> {size}")
+            pil = Image.fromarray(a).crop((l, t, l + w, t + h)).resize((size, size), Image.BICUBIC)
+            pil = np.asarray(pil.transpose(Image.FLIP_LEFT_RIGHT) if flip else pil).astype(np.float64)
+            d = np.abs(ours - pil)
+            assert d.max() <= 1.5 and d.mean() <= 0.5, ((t, l, h, w), size, d.max(), d.mean())
+    # A batch with both pass orders gives each crop its own.
+    x8 = torch.from_numpy(noise_image(60, 70, 5)).permute(2, 0, 1).unsqueeze(0).expand(3, 3, 60, 70)
+    boxes = torch.tensor([[3, 5, 44, 8], [10, 2, 8, 44], [7, 30, 34, 22]])
+    together = resized_crop(x8, boxes, 16, interpolation="bicubic")
+    for i in range(3):
+        torch.testing.assert_close(together[i : i + 1], resized_crop(x8[:1], boxes[i : i + 1], 16, interpolation="bicubic"),
+                                   atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- DINO's views
+
+
+def test_dino_preset_is_dinos_data_augmentation():
+    """facebookresearch/dino main_dino.py DataAugmentationDINO with its defaults
+    (--global_crops_scale 0.4 1, --local_crops_number 8, --local_crops_scale 0.05 0.4), written out."""
+    preset = get_preset("dino", 224)
+    common = {"crop_ratio": (3 / 4, 4 / 3), "jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2,
+              "blur_sigma": (0.1, 2.0), "flip_p": 0.5, "grayscale_first": False, "interpolation": "bicubic"}
+    expected = ([{"crop_scale": (0.4, 1.0), "blur_p": 1.0, "solarize_p": 0.0},  # global_transfo1
+                 {"crop_scale": (0.4, 1.0), "blur_p": 0.1, "solarize_p": 0.2}]  # global_transfo2
+                + [{"crop_scale": (0.05, 0.4), "blur_p": 0.5, "solarize_p": 0.0}] * 8)  # local_transfo
+    assert len(preset.views) == 10 and preset.sizes(224) == (224, 224) + (96,) * 8
+    for i, (view, want) in enumerate(zip(preset.views, expected)):
+        for key, value in {**common, **want}.items():
+            assert getattr(view, key) == pytest.approx(value), (i, key)
+    # The reference pipeline: a bicubic RandomResizedCrop of each view's size and scale.
+    crops = [t.transforms[0] for t in build_multi_crop_transform(preset, 224).transforms]
+    assert [c.size for c in crops] == [(224, 224)] * 2 + [(96, 96)] * 8
+    assert all(c.interpolation == T.InterpolationMode.BICUBIC for c in crops)
+    assert [tuple(c.scale) for c in crops] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8
+    # Its run options, and the small-image rule by each view's own size.
+    custom = get_preset("dino", 224, local_crops_number=2, local_size=64, global_scale=(0.3, 1.0), local_scale=(0.1, 0.3))
+    assert custom.sizes(224) == (224, 224, 64, 64)
+    assert [v.crop_scale for v in custom.views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 2
+    assert [v.blur_p for v in custom.views] == [1.0, 0.1, 0.0, 0.0]  # 64 px locals: no blur
+    assert get_preset("dino", 32).sizes(32) == (32, 32) + (14,) * 8  # 96 / 224 of the image size
+    assert all(v.blur_p == 0.0 for v in get_preset("dino", 32).views)
+    assert len(get_preset("dino", 224, local_crops_number=0).views) == 2
+    with pytest.raises(ValueError, match="dino preset only"):
+        get_preset("moco_v2", 224, local_crops_number=2)
+    with pytest.raises(ValueError, match="local_scale"):
+        get_preset("dino", 224, local_scale=(0.5, 0.2))
+
+
+@pytest.mark.parametrize("path", ["per image", "batched"])
+def test_each_dino_view_crops_with_its_own_scale(path, monkeypatch):
+    """Global crops cover 40-100% of the image, local ones 5-40%: each view's boxes follow
+    torchvision's RandomResizedCrop.get_params with that view's scale."""
+    import selfsup.data.batch_augment as augment
+
+    preset = get_preset("dino", 16, local_crops_number=2, local_size=8)
+    height, width, n = 60, 80, 2000
+    if path == "per image":
+        ds = CropsDataset([], preset, 16)
+        boxes = np.array([ds.crop_params(seed, height, width)[0] for seed in range(n)]).transpose(1, 0, 2)  # V x N x 4
+    else:
+        drawn = []
+        original = augment.sample_crop_boxes
+        monkeypatch.setattr(augment, "sample_crop_boxes", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+        images = torch.from_numpy(noise_image(height, width, 0)).permute(2, 0, 1).unsqueeze(0).expand(n, 3, height, width)
+        ViewsAugment(preset, 16).forward_from_images(images.contiguous(), augment_generator(0, 0, 0, 0))
+        boxes = np.stack([b.numpy() for b in drawn])
+    assert boxes.shape == (4, n, 4)
+    img = torch.empty(1, height, width)
+    for view, ours in zip(preset.views, boxes):
+        with seeded(1):
+            ref = np.array([T.RandomResizedCrop.get_params(img, list(view.crop_scale), list(view.crop_ratio))
+                            for _ in range(n)])
+        fr, fo = box_features(ref, height, width), box_features(ours, height, width)
+        for k in fr:
+            assert ks_distance(fr[k], fo[k]) < 0.06, (view.crop_scale, k, ks_distance(fr[k], fo[k]))
+
+
+def test_views_of_one_spec_are_augmented_together_as_each_alone(monkeypatch):
+    """DINO's local crops (one spec) go through one BatchAugment call; every view keeps the
+    parameters it draws in its turn and the bits it would get alone (CPU chunks stay inside a view)."""
+    import selfsup.data.batch_augment as augment
+
+    preset = get_preset("dino", 24, local_crops_number=3, local_size=10)
+    views = [smooth_images(6, s, s, seed=i) for i, s in enumerate(preset.sizes(24))]
+    monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 4 * 3 * 10 * 10 * 4)  # chunks of 4 local crops: 2 per view
+    aug = ViewsAugment(preset, 24)
+    assert [len(g) for g in aug.groups] == [1, 1, 3]
+    together = aug(views, augment_generator(0, 1, 2, 0))
+    g = augment_generator(0, 1, 2, 0)
+    params = [sample_view_params(spec, 6, g) for spec in preset.views]  # view after view
+    alone = [BatchAugment(spec)(x, params=p) for spec, x, p in zip(preset.views, views, params)]
+    assert [tuple(v.shape) for v in together] == [(6, 3, 24, 24)] * 2 + [(6, 3, 10, 10)] * 3
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert torch.equal(a, b), i
+    # On an accelerator the group is one chunk: the same numbers, up to float rounding.
+    whole = ViewsAugment(preset, 24)
+    for a in whole.augments:
+        a.chunk_bytes = 0
+    for a, b in zip(whole(views, augment_generator(0, 1, 2, 0)), alone):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from helpers import make_image_folder, run_script
 from PIL import Image, JpegImagePlugin
 from selfsup.data import find_samples
-from selfsup.data.augmentations import Preset, ViewSpec, get_preset
-from selfsup.data.batch_augment import TwoViewAugment
-from selfsup.data.crops import TwoCropsDataset, draft_factor
+from selfsup.data.augmentations import Preset, ViewSpec, build_multi_crop_transform, get_preset
+from selfsup.data.batch_augment import ViewsAugment
+from selfsup.data.crops import CropsDataset, draft_factor, resized_crop_uint8
 from selfsup.data.inmemory import IndexBatchLoader, InMemoryImages
-from selfsup.data.pipeline import TwoCropsBatches, build_memory_pipeline, build_pretrain_pipeline
+from selfsup.data.pipeline import CropsBatches, build_memory_pipeline, build_pretrain_pipeline
 from selfsup.data.sampler import ResumableDistributedSampler
 from selfsup.distributed import DistInfo
-from selfsup.rng import augment_generator
+from selfsup.rng import augment_generator, seeded
 from torch.utils.data import DataLoader
 
 
@@ -28,9 +29,9 @@ def smooth_jpeg(path, width: int, height: int, seed: int = 0, quality: int = 90)
     return a
 
 
-def pil_view(img: Image.Image, box, size: int, flip: bool) -> torch.Tensor:
+def pil_view(img: Image.Image, box, size: int, flip: bool, resample=Image.BILINEAR) -> torch.Tensor:
     top, left, h, w = box
-    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), resample)
     out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
     return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
@@ -41,7 +42,7 @@ def pil_view(img: Image.Image, box, size: int, flip: bool) -> torch.Tensor:
 @pytest.mark.parametrize("size", [24, 64])  # downscaled and (some boxes) upscaled views
 def test_worker_views_are_pillows_crop_resize_and_flip(tmp_path, size):
     smooth_jpeg(tmp_path / "a.jpg", 90, 70)
-    ds = TwoCropsDataset([(str(tmp_path / "a.jpg"), 3)], get_preset("byol", 224), size, draft=False)
+    ds = CropsDataset([(str(tmp_path / "a.jpg"), 3)], get_preset("byol", 224), size, draft=False)
     img = Image.open(tmp_path / "a.jpg").convert("RGB")
     for seed in range(6):
         views, label, skipped = ds[(0, seed)]
@@ -56,7 +57,7 @@ def test_worker_views_are_pillows_crop_resize_and_flip(tmp_path, size):
 def test_views_are_a_function_of_the_sample_seed(tmp_path):
     make_image_folder(tmp_path, classes=1, per_class=2, size=40, ext="jpg")
     samples, _ = find_samples(tmp_path)
-    ds = TwoCropsDataset(samples, get_preset("moco_v2", 224), 16)
+    ds = CropsDataset(samples, get_preset("moco_v2", 224), 16)
     a, b, c = ds[(1, 7)][0], ds[(1, 7)][0], ds[(1, 8)][0]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -75,9 +76,9 @@ def test_reduced_size_decoding_only_when_both_crops_allow_it(tmp_path, monkeypat
         return original(self, mode, size)
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    big_crops = Preset("t", ViewSpec(crop_scale=(0.9, 1.0)), ViewSpec(crop_scale=(0.8, 1.0)))
-    fast = TwoCropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 32)
-    full = TwoCropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 32, draft=False)
+    big_crops = Preset("t", (ViewSpec(crop_scale=(0.9, 1.0)), ViewSpec(crop_scale=(0.8, 1.0))))
+    fast = CropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 32)
+    full = CropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 32, draft=False)
     for seed in range(3):
         a, b = fast[(0, seed)][0], full[(0, seed)][0]
         for u, v in zip(a, b):
@@ -85,7 +86,7 @@ def test_reduced_size_decoding_only_when_both_crops_allow_it(tmp_path, monkeypat
             assert diff.mean() < 2.0 and diff.max() <= 16, (seed, diff.mean(), diff.max())
     assert calls == [(100, 75)] * 3  # 1/8 scale: every crop keeps >= 8 x 32 pixels
     calls.clear()
-    TwoCropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 320)[(0, 0)]
+    CropsDataset([(str(tmp_path / "big.jpg"), 0)], big_crops, 320)[(0, 0)]
     assert calls == []  # 1/2 scale would leave less than 320 pixels of a 600-pixel-high image
 
 
@@ -94,7 +95,7 @@ def test_unreadable_files_are_skipped_by_the_worker_half(tmp_path):
     samples, _ = find_samples(tmp_path)
     data = open(samples[1][0], "rb").read()
     open(samples[1][0], "wb").write(data[: len(data) // 3])  # truncated JPEG
-    ds = TwoCropsDataset(samples, get_preset("moco_v2", 224), 16)
+    ds = CropsDataset(samples, get_preset("moco_v2", 224), 16)
     views, _, skipped = ds[(1, 0)]
     assert skipped == 1 and views[0].shape == (3, 16, 16)
 
@@ -148,7 +149,7 @@ def test_index_loader_gives_the_batches_of_a_dataloader_over_the_sampler():
 def test_batched_crops_take_each_sample_from_its_own_image():
     colours = torch.arange(8, dtype=torch.uint8).mul(30).view(8, 1, 1, 1).expand(8, 3, 20, 20).contiguous()
     plain = ViewSpec(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, crop_scale=(0.1, 1.0))
-    aug = TwoViewAugment(Preset("plain", plain, plain), 12, mean=(0, 0, 0), std=(1, 1, 1))
+    aug = ViewsAugment(Preset("plain", (plain, plain)), 12, mean=(0, 0, 0), std=(1, 1, 1))
     views = aug.forward_from_images(colours, torch.Generator().manual_seed(0))
     for v in views:
         assert v.shape == (8, 3, 12, 12)
@@ -233,11 +234,94 @@ def test_colour_in_the_workers_equals_colour_on_the_device(tmp_path):
     make_image_folder(tmp_path, classes=1, per_class=6, size=40, ext="jpg")
     samples, _ = find_samples(tmp_path)
     preset = get_preset("byol", 24)
-    crops = TwoCropsDataset(samples, preset, 24)
-    augment = TwoViewAugment(preset, 24)
+    crops = CropsDataset(samples, preset, 24)
+    augment = ViewsAugment(preset, 24)
     key = (3, 5, [(i, 100 + i) for i in range(6)])
-    in_workers = TwoCropsBatches(crops, augment, seed=9, rank=1)[key][0][0]  # its one micro-batch
-    uint8 = TwoCropsBatches(crops)[key][0]
+    in_workers = CropsBatches(crops, augment, seed=9, rank=1)[key][0][0]  # its one micro-batch
+    uint8 = CropsBatches(crops)[key][0]
     on_device = augment(uint8, augment_generator(9, 3, 5, 1))
     assert uint8[0].dtype == torch.uint8
     assert all(torch.equal(a, b) for a, b in zip(in_workers, on_device))
+
+
+# ---------------------------------------------------------------------------------------------- multi-crop
+
+DINO_SMALL = {"local_crops_number": 3, "local_size": 12}  # 2 global crops at the image size, 3 local ones
+
+
+def test_worker_bicubic_views_are_within_two_levels_of_pillow(tmp_path):
+    """DINO's crops in the workers: torch's uint8 bicubic, its passes in Pillow's order."""
+    from test_augment import RESIZE_CASES, noise_image
+
+    for seed, a in enumerate((noise_image(60, 70, 3), smooth_jpeg(tmp_path / "a.jpg", 70, 60))):
+        diffs = []
+        for k, ((t, l, h, w), size) in enumerate(RESIZE_CASES):
+            ours = resized_crop_uint8(torch.from_numpy(a), (t, l, h, w), size, bool(k % 2), "bicubic")
+            diff = (ours.int() - pil_view(Image.fromarray(a), (t, l, h, w), size, bool(k % 2), Image.BICUBIC).int()).abs()
+            assert ours.dtype == torch.uint8 and diff.max() <= 2, ((t, l, h, w), size, diff.max())
+            diffs.append(diff.float().mean())
+        assert max(diffs) <= 0.05, diffs  # almost every pixel equal
+    # Through the dataset: every DINO view is a bicubic crop of its own size.
+    ds = CropsDataset([(str(tmp_path / "a.jpg"), 0)], get_preset("dino", 32, **DINO_SMALL), 32, draft=False)
+    img = Image.open(tmp_path / "a.jpg").convert("RGB")
+    for seed in range(3):
+        views = ds[(0, seed)][0]
+        boxes, flips = ds.crop_params(seed, 60, 70)
+        assert [v.shape[-1] for v in views] == [32, 32, 12, 12, 12]
+        for v, box, flip in zip(views, boxes, flips):
+            assert (v.int() - pil_view(img, box, v.shape[-1], flip, Image.BICUBIC).int()).abs().max() <= 2
+
+
+def test_reference_views_are_pillows_bicubic_crops(tmp_path):
+    """The reference backend runs torchvision on PIL images: DINO's views are Pillow's bicubic
+    resize of the box torchvision draws."""
+    smooth_jpeg(tmp_path / "a.jpg", 90, 70)
+    img = Image.open(tmp_path / "a.jpg").convert("RGB")
+    spec = ViewSpec(crop_scale=(0.05, 0.4), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0, size=20,
+                    interpolation="bicubic")
+    transform = build_multi_crop_transform(Preset("crop only", (spec,)), 64, mean=(0, 0, 0), std=(1, 1, 1))
+    for seed in range(5):
+        with seeded(seed):
+            view = transform(img)[0]
+        with seeded(seed):
+            box = T.RandomResizedCrop.get_params(img, [0.05, 0.4], [3 / 4, 4 / 3])
+        assert torch.equal((view * 255).round().to(torch.uint8), pil_view(img, box, 20, False, Image.BICUBIC))
+
+
+def test_draft_decoding_leaves_every_view_its_own_size():
+    boxes = [(0, 0, 300, 400), (0, 0, 100, 100)]
+    assert draft_factor(boxes, [32, 12]) == 8  # the 100-pixel crop still has 8 x 12 pixels
+    assert draft_factor(boxes, [32, 32]) == 2
+    assert draft_factor(boxes, [40, 12]) == 4  # 300 < 8 x 40
+
+
+@pytest.mark.parametrize("backend", ["reference", "batched", "memory"])
+def test_multi_crop_views_resume_exactly_whatever_the_worker_count(tmp_path, backend):
+    memory = backend == "memory"
+    make_image_folder(tmp_path, classes=2, per_class=10, size=28 if memory else 72, ext="png" if memory else "jpg")
+
+    def build(workers):
+        return build_pretrain_pipeline(str(tmp_path), aug="dino", image_size=24, batch_size=4, workers=workers,
+                                       dist=DistInfo(), seed=1, backend=backend, aug_options=DINO_SMALL)
+
+    first = build(0)
+    assert first.backend == backend and "2x24px + 3x12px" in first.description
+    full = record(first, epoch=1)
+    resumed = record(build(2), epoch=1, start=2)
+    assert len(full) == 5 and len(resumed) == 3
+    assert [tuple(v.shape) for v in full[0]] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * 3
+    for a, b in zip(full[2:], resumed):
+        assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(full[0][2], full[0][3])  # each local crop its own draw
+
+
+def test_multi_crop_views_come_in_the_dtype_and_format_the_step_wants(tmp_path):
+    make_image_folder(tmp_path, classes=2, per_class=4, size=28)
+    for backend in ("batched", "memory"):
+        p = build_pretrain_pipeline(str(tmp_path), aug="dino", image_size=32, batch_size=4, workers=0, dist=DistInfo(),
+                                    seed=0, backend=backend, channels_last=True, out_dtype=torch.bfloat16,
+                                    aug_options=DINO_SMALL)
+        views = record(p, 0)[0]
+        assert [v.shape[-1] for v in views] == [32, 32, 12, 12, 12]
+        for v in views:
+            assert v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ from helpers import TINY_OPTIONS, make_image_folder, run_script, torchrun
 from selfsup import distributed as D
 from selfsup.builder import build_model
 from selfsup.data.augmentations import get_preset
-from selfsup.data.batch_augment import TwoViewAugment
+from selfsup.data.batch_augment import ViewsAugment
 from selfsup.methods import METHODS
 from selfsup.networks import compile_networks
 from selfsup.rng import augment_generator, seeded
@@ -99,6 +99,23 @@ def test_mocov3_with_a_vision_transformer(folder, tmp_path):
     assert "mocov3 vit_small_p4" in out
     ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
     assert ckpt["global_step"] == 3 and "module.encoder_q.conv_proj.weight" in ckpt["state_dict"]
+    out = ok(run_script(["main_knn.py", str(folder), "--pretrained", str(tmp_path / "run" / "checkpoint.pth.tar"),
+                         "--k", "5", "-b", "16", "-j", "0", "--device", str(DEVICE),
+                         "--output-dir", str(tmp_path / "knn")], **ENV))
+    assert "5-NN" in out
+
+
+def test_dino_with_a_vision_transformer_and_multi_crop(folder, tmp_path):
+    # DINO's ViT (DeiT-S, 6 heads, at 32 px) with 2 global crops of 32 px and 2 local of 16, the
+    # backbone run once per size; main_knn.py then reads the teacher.
+    out = ok(run_script(["main_pretrain.py", str(folder), "--method", "dino", *TINY, "-a", "deit_small_p4",
+                         "--out-dim", "256", "--local-crops-number", "2", "--optimizer", "adamw", "--lr", "1e-4",
+                         "--amp", "bf16" if ON_GPU else "none", "--device", str(DEVICE),
+                         "--output-dir", str(tmp_path / "run")], **ENV))
+    assert "dino deit_small_p4" in out and "aug dino at 2x32px + 2x16px" in out
+    ckpt = load(tmp_path / "run" / "checkpoint.pth.tar")
+    assert ckpt["global_step"] == 3 and ckpt["evaluated"] == "encoder_k"
+    assert "module.encoder_k.conv_proj.weight" in ckpt["state_dict"]
     out = ok(run_script(["main_knn.py", str(folder), "--pretrained", str(tmp_path / "run" / "checkpoint.pth.tar"),
                          "--k", "5", "-b", "16", "-j", "0", "--device", str(DEVICE),
                          "--output-dir", str(tmp_path / "knn")], **ENV))
@@ -201,7 +218,7 @@ def test_batched_augmentation_on_the_device_equals_the_cpu_path(aug):
     crops = [torch.randint(0, 256, (8, 3, 96, 96), dtype=torch.uint8, generator=g) for _ in range(2)]
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, generator=g)
     for size in (96, 32):  # uint8 crops from the workers (blur on), and images held in memory (crops here too)
-        cpu = TwoViewAugment(get_preset(aug, size), size)
+        cpu = ViewsAugment(get_preset(aug, size), size)
         dev = copy.deepcopy(cpu).to(DEVICE)
 
         def views(augment, device):

@@ -82,6 +82,23 @@ def test_heads_and_other_networks_are_dropped_and_counted():
     assert result.dropped["num_batches_tracked"] == bn_layers
 
 
+def test_a_dino_checkpoint_converts_its_teacher():
+    # DINO's evaluations read the teacher (eval_linear.py's --checkpoint_key teacher); the checkpoint
+    # records it as the network evaluated, and detection transfer takes it too.
+    ckpt, model = project_checkpoint("dino", "resnet18", out_dim=32, dim=16, hidden_dim=32)
+    ckpt["evaluated"] = "encoder_k"
+    teacher = {k: v + 1.0 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()
+               if k.startswith("module.encoder_k.")}
+    ckpt["state_dict"].update(teacher)  # a teacher unlike the student
+    result = convert(ckpt)
+    assert set(result.model) == expected_names("resnet18")
+    np.testing.assert_array_equal(result.model["stem.conv1.weight"],
+                                  teacher["module.encoder_k.conv1.weight"].numpy())
+    state = ckpt["state_dict"]
+    assert result.dropped["encoder_q.*"] == sum(k.startswith("module.encoder_q.") for k in state)
+    assert result.dropped["fc.*"] == sum(k.startswith("module.encoder_k.fc.") for k in state)
+
+
 def test_facebookresearch_moco_checkpoint():
     """The layout of MoCo v2's released checkpoints: an 'arch', 'state_dict' with
     module.encoder_q/encoder_k (2-layer MLP head as fc.0/fc.2) and module.queue."""

@@ -98,19 +98,42 @@ def test_mocov3_with_adamw_kill_and_resume_is_bitwise_identical(folder, tmp_path
     run = [str(folder), "--method", "mocov3", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2",
            "--moco-dim", "16", "--mlp-dim", "32", "--moco-t", "0.2", "--moco-m", "0.9", "--moco-m-cos",
            "--optimizer", "adamw", "--lr", "1e-3", "--wd", "0.1", "--aug", "byol", "-p", "1", "--seed", "5"]
+    reference = kill_at_step_5_and_resume(run, tmp_path, workers=0)
+    assert any(k.startswith("module.predictor.") for k in reference["state_dict"])
+    assert any("exp_avg" in s for s in reference["optimizer"]["state"].values())
+
+
+def test_dino_multi_crop_kill_and_resume_is_bitwise_identical(folder, tmp_path):
+    # DINO's own state: the teacher, the centre (an EMA of the teacher's outputs), the weight decay's
+    # and the teacher temperature's schedules, the last layer frozen in epoch 0 and free in epoch 1
+    # (the kill lands in epoch 1), AdamW's moments; 2 global crops of 16 px and 2 local of 8 px,
+    # cut in two loader workers here and in none in the reference.
+    run = [str(folder), "--method", "dino", "-a", "resnet18", "--image-size", "16", "-b", "8", "--epochs", "2",
+           "--out-dim", "32", "--moco-dim", "16", "--mlp-dim", "32", "--local-crops-number", "2",
+           "--local-crops-size", "8", "--warmup-teacher-temp", "0.04", "--teacher-temp", "0.07",
+           "--warmup-teacher-temp-epochs", "2", "--lr", "1e-3", "--warmup-epochs", "1", "--aug-backend", "batched",
+           "-p", "1", "--seed", "5"]
+    reference = kill_at_step_5_and_resume(run, tmp_path, workers=2)
+    assert reference["state_dict"]["module.center"].abs().sum() > 0
+    assert any(k.startswith("module.encoder_k.") for k in reference["state_dict"])
+
+
+def kill_at_step_5_and_resume(run: list[str], tmp_path, workers: int) -> dict:
+    """Run `run` (6 steps) uninterrupted without loader workers, then with `workers` saving every 2
+    steps, killed at step 5 and resumed; assert the two end bit for bit the same and return the
+    uninterrupted run's checkpoint."""
     ref = tmp_path / "ref"
     r = run_script(["main_pretrain.py", *run, "-j", "0", "--output-dir", str(ref)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "run"
-    args = [*run, "-j", "0", "--save-every-steps", "2", "--output-dir", str(out)]
+    args = [*run, "-j", str(workers), "--save-every-steps", "2", "--output-dir", str(out)]
     assert inject("kill:5", args).returncode == 137
     assert load(out / "checkpoint.pth.tar")["global_step"] == 4
     resumed = run_script(["main_pretrain.py", *args])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = load(ref / "checkpoint.pth.tar")
-    assert any(k.startswith("module.predictor.") for k in reference["state_dict"])
-    assert any("exp_avg" in s for s in reference["optimizer"]["state"].values())
     assert_bitwise_equal(reference, load(out / "checkpoint.pth.tar"))
+    return reference
 
 
 def test_save_every_epochs_writes_the_checkpoint_that_often_and_after_the_last(folder, tmp_path):

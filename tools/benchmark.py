@@ -51,9 +51,9 @@ from selfsup import recipes  # noqa: E402
 from selfsup.backbones import flag_options as backbone_flag_options  # noqa: E402
 from selfsup.builder import build_model  # noqa: E402
 from selfsup.data import ImageDataset, find_samples, load_fashion_mnist  # noqa: E402
-from selfsup.data.augmentations import build_two_crops_transform, get_preset  # noqa: E402
-from selfsup.data.batch_augment import TwoViewAugment  # noqa: E402
-from selfsup.data.crops import TwoCropsDataset  # noqa: E402
+from selfsup.data.augmentations import build_multi_crop_transform, get_preset  # noqa: E402
+from selfsup.data.batch_augment import ViewsAugment  # noqa: E402
+from selfsup.data.crops import CropsDataset  # noqa: E402
 from selfsup.data.inmemory import InMemoryImages  # noqa: E402
 from selfsup.data.pipeline import build_memory_pipeline, build_pretrain_pipeline  # noqa: E402
 from selfsup.distributed import DistInfo  # noqa: E402
@@ -190,8 +190,8 @@ def loader_half(report: Report, samples, classes, size: int, aug: str, rounds: i
     """(a) per-worker rates of the reference per-image pipeline and of the CPU half; keeps the
     CPU half's views for (b)."""
     preset = get_preset(aug, size)
-    ref = ImageDataset(samples, build_two_crops_transform(aug, size), classes)
-    ours = TwoCropsDataset(samples, preset, size, classes, draft=draft)
+    ref = ImageDataset(samples, build_multi_crop_transform(preset, size), classes)
+    ours = CropsDataset(samples, preset, size, classes, draft=draft)
     n = len(samples)
     kept: dict[str, list] = {}
 
@@ -213,7 +213,7 @@ def loader_half(report: Report, samples, classes, size: int, aug: str, rounds: i
 
 def colour_half_rate(views: list, aug: str, size: int, device: torch.device, batch: int, rounds: int) -> float:
     """Images/s (both views) of the batched colour half on `device`, uint8 batches in."""
-    augment = TwoViewAugment(get_preset(aug, size), size).to(device)
+    augment = ViewsAugment(get_preset(aug, size), size).to(device)
     batch = min(batch, len(views))
     batches = []
     for s in range(0, len(views) - batch + 1, batch):
@@ -238,7 +238,7 @@ def memory_aug(report: Report, images: np.ndarray, name: str, aug: str, size: in
     per-image transform on PIL images already decoded."""
     n = len(images)
     pil = [Image.fromarray(a).convert("RGB") for a in images]
-    transform = build_two_crops_transform(aug, size)
+    transform = build_multi_crop_transform(aug, size)
     pipeline = build_memory_pipeline(InMemoryImages(images), aug=aug, image_size=size, batch_size=256,
                                      dist=DistInfo(device=device), seed=0)
 
@@ -277,7 +277,8 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
                           {"batch_size": batch, "arch": arch, "image_size": size})
     options = METHODS[method].options(cfg)
     backbone_options = backbone_flag_options(arch, cfg)
-    x = torch.randn(2, batch, 3, size, size, device=device)
+    views = get_preset(cfg["aug"], size, **recipes.aug_options(cfg))  # DINO: its global and local crops
+    x = [torch.randn(batch, 3, s, s, device=device) for s in views.sizes(size)]
     rates = {}
     for prec in precisions:
         amp = "bf16" if "bf16" in prec else "none"
@@ -289,16 +290,18 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.01, 0.9, 1e-4)
         fmt = torch.channels_last if cl else torch.contiguous_format
-        v1, v2 = (v.contiguous(memory_format=fmt) for v in x)
+        inputs = [v.contiguous(memory_format=fmt) for v in x]
         if amp == "bf16":
-            v1, v2 = v1.bfloat16(), v2.bfloat16()
+            inputs = [v.bfloat16() for v in inputs]
 
         def step() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss = model(v1, v2, return_loss=True)
+                loss = model(*inputs, return_loss=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            model.before_optimizer_step(opt)  # DINO: each gradient clipped
             opt.step()
+            model.after_optimizer_step()  # DINO: the teacher's EMA
 
         step()
         sync(device)
@@ -311,7 +314,8 @@ def train_step(report: Report, method: str, arch: str, size: int, batch: int, de
         rates[prec] = batch / statistics.median(times)
     for prec in precisions:
         ref_name, ref = versus or ("fp32", rates.get("fp32"))
-        report.add("c", f"step {method} {arch} {size}px b{batch} {prec} on {device.type}", rates[prec], ref, ref_name)
+        report.add("c", f"step {method} {arch} {views.describe(size)[3:]} b{batch} {prec} on {device.type}", rates[prec],
+                   ref, ref_name)
     return rates
 
 

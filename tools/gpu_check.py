@@ -144,7 +144,7 @@ LEARN_MARGIN = 3.0
 # batch 512 with the presets' learning rates scaled linearly (lr_per_256): as many images as at batch
 # 128 but a quarter of the steps - that the target is reached as well in fewer, larger steps is an
 # assumption of its own, which only the first GPU run can confirm (a shortfall is a MISS).
-LEARN_MIN_EPOCHS = {"mocov3": 10, "simclr": 20, "moco": 40, "byol": 40}
+LEARN_MIN_EPOCHS = {"mocov3": 10, "simclr": 20, "moco": 40, "byol": 40, "dino": 40}  # DINO: unmeasured, a guess
 LEARN_DEFAULT = ("mocov3", "simclr")  # the methods whose evidence comes within reach of the target
 # The GPU step each method is assumed to take, its augmentation included, until a GPU run measures
 # it (no GPU has run it). From counts on a CPU (2-core Xeon with AMX, torch 2.14; each preset at
@@ -155,7 +155,10 @@ LEARN_DEFAULT = ("mocov3", "simclr")  # the methods whose evidence comes within 
 # bf16 TFLOPS (ResNet-18 at 32 px has 8 x 8 to 1 x 1 feature maps, far too small to fill it).
 LEARN_STEP_COUNTS = {  # method: (ops of a step, ops of its augmentation, FLOPs of a step)
     "mocov3": (1130, 1756, 305.5e9), "simclr": (492, 1745, 227.3e9),
-    "moco": (1342, 1745, 152.6e9), "byol": (1120, 1756, 305.2e9)}
+    "moco": (1342, 1745, 152.6e9), "byol": (1120, 1756, 305.2e9),
+    # small-dino (2 x 32 + 6 x 16 px), counted on the bare step and ViewsAugment.forward_from_images
+    # outside train_one_epoch (SimCLR counted so: 478 / 1752 / 227.3e9)
+    "dino": (1577, 7527, 762.5e9)}
 HOST_S_PER_OP, GPU_FLOPS = 10e-6, 0.1 * 989e12
 ASSUMED_GPU_STEP_S = {m: (ops + aug) * HOST_S_PER_OP + flops / GPU_FLOPS
                       for m, (ops, aug, flops) in LEARN_STEP_COUNTS.items()}

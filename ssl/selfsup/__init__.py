@@ -1,9 +1,9 @@
-"""selfsup: MoCo v1/v2, BYOL and SimCLR with exact distributed semantics.
+"""selfsup: MoCo v1/v2/v3, BYOL, SimCLR and DINO with exact distributed semantics.
 
 The methods and what they are made of:
     builder      build_model and the public classes (the README's entry point)
-    methods/     one module per method, each the whole method (base.Method): moco, byol, simclr
-    backbones/   the backbone interface and its families (resnet); nothing else reads a network's layers
+    methods/     one module per method, each the whole method (base.Method): moco, mocov3, byol, simclr, dino
+    backbones/   the backbone interface and its families (resnet, vit); nothing else reads a network's layers
     networks     MLP heads, split BatchNorm, EMA, DDP/compile unwrapping, compiling the networks
     losses       NT-Xent over the global batch, BYOL's regression loss, float32 under autocast
 Configuration and training:
@@ -36,4 +36,4 @@ Evaluation:
 
 __version__ = "0.1.0"
 
-from .builder import BYOL, MoCo, SimCLR, build_model  # noqa: F401
+from .builder import BYOL, DINO, MoCo, MoCoV3, SimCLR, build_model  # noqa: F401

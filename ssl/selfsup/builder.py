@@ -1,6 +1,6 @@
-"""MoCo, BYOL and SimCLR around any backbone of selfsup.backbones, behind one builder.
+"""MoCo, MoCo v3, BYOL, SimCLR and DINO around any backbone of selfsup.backbones, behind one builder.
 
-    from selfsup.builder import MoCo, BYOL, SimCLR, build_model
+    from selfsup.builder import MoCo, MoCoV3, BYOL, SimCLR, DINO, build_model
     model = build_model("byol", "resnet18", small_stem=True)
 
 The methods live in selfsup.methods (one module each), the backbones in selfsup.backbones, the
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
-from .methods import BYOL, METHODS, Method, MoCo, MoCoV3, SimCLR
+from .methods import BYOL, DINO, METHODS, Method, MoCo, MoCoV3, SimCLR
 from .backbones import ARCHS, backbone_constructor
 from .networks import SplitBatchNorm, compile_networks
 
 if TYPE_CHECKING:
     from .distributed import DistInfo
 
-__all__ = ["ARCHS", "BYOL", "METHODS", "Method", "MoCo", "MoCoV3", "SimCLR", "SplitBatchNorm", "backbone_constructor",
+__all__ = ["ARCHS", "BYOL", "DINO", "METHODS", "Method", "MoCo", "MoCoV3", "SimCLR", "SplitBatchNorm", "backbone_constructor",
            "build_model", "check_sync_bn", "compile_networks", "method_options"]
 
 
@@ -39,7 +39,7 @@ def build_model(
     """Build a method of METHODS around a backbone of selfsup.backbones.
 
     Args:
-        method: a name of METHODS ('moco', 'byol', 'simclr').
+        method: a name of METHODS ('moco', 'byol', 'simclr', 'mocov3', 'dino').
         arch: a backbone name (see ARCHS), e.g. a torchvision ResNet's.
         small_stem: the small-image variant (ResNets: 3x3 stride-1 first conv and no max-pool,
             for 28-64 pixel images).

@@ -3,6 +3,8 @@
 
 Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts), so they load with
 `torch.load(..., weights_only=True)`; a file carrying pickled code is refused, never executed.
+One class is let through: argparse.Namespace, the `args` of DINO's checkpoints, read as the dict
+of its attributes (`SAFE_CLASSES`).
 """
 
 from __future__ import annotations
@@ -107,6 +109,16 @@ def _head(path: Path, n: int = 8) -> bytes:
         return f.read(n)
 
 
+# The classes a weights-only load lets through besides plain types: argparse.Namespace, which
+# facebookresearch/dino's main_dino.py saves as its checkpoints' `args`. Letting it through runs
+# no code of the file: the weights-only unpickler still refuses every other global (a function to
+# call, another class), makes a Namespace with object.__new__ (NEWOBJ; Namespace has no __new__,
+# __reduce__ or __setstate__ of its own) and fills its __dict__ (BUILD) with values it admits
+# anyway - numbers, strings, tuples, lists, dicts, tensors; called instead (REDUCE), its only code,
+# __init__(**kwargs), takes no positional argument. Allowed for the loads of load_checkpoint only.
+SAFE_CLASSES: tuple[type, ...] = (argparse.Namespace,)
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (PK...) or, in the legacy format, a pickle (protocol 2+: 0x80)."""
     return _head(path).startswith((b"PK", b"\x80"))
@@ -123,13 +135,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{_head(path)!r}). Pass the .pth/.pth.tar file that torch.save wrote."
         )
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"'{path}' holds pickled Python objects that a weights-only load refuses, so it was NOT "
-            "loaded and none of its code ran. Checkpoints of this project hold plain types only; if "
-            "the file comes from a source you trust, load it yourself and re-save its tensors. "
-            f"(torch said: {str(e).splitlines()[0]})"
+            "loaded and none of its code ran. Checkpoints of this project hold plain types only (and "
+            "DINO's, an argparse.Namespace besides); if the file comes from a source you trust, load "
+            f"it yourself and re-save its tensors. (torch said: {str(e).splitlines()[0]})"
         ) from e
     except Exception as e:  # whatever else torch.load raises on a damaged file
         raise CheckpointError(
@@ -139,7 +152,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dictionary")
-    return obj
+    # DINO's `args`: a plain dict as this project's, so every reader of "args" sees one type.
+    return {k: dict(vars(v)) if isinstance(v, argparse.Namespace) else v for k, v in obj.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,17 +161,47 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # ----------------------------------------------------------------------------------------------
 
 # Where the trained backbone lives, most specific first: this project and facebookresearch/moco
-# (DDP-wrapped and not), moco-v3, then a bare model.
-_BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.", "")
+# (DDP-wrapped and not), moco-v3, DINO (its MultiCropWrapper's `backbone`, DDP-wrapped in a
+# network with BatchNorm), then a bare model. A checkpoint of this project that names the network
+# its evaluations read (`evaluated`: DINO's teacher, encoder_k) has that one's first.
+_BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.backbone.",
+                      "backbone.", "module.", "")
+# The keys of facebookresearch/dino's full checkpoints (main_dino.py's save_dict) that tell one.
+_DINO_KEYS = ("student", "teacher", "dino_loss")
+# DINO's published backbone-only files (its README and hubconf.py): bare state dicts - a ViT under
+# timm's names, a ResNet-50 under torchvision's, no head - that nothing inside tells from timm's
+# or torchvision's own; their published names do. File name -> the network here.
+DINO_BACKBONE_FILES = {"dino_deitsmall16_pretrain.pth": "deit_small", "dino_deitsmall8_pretrain.pth": "deit_small_p8",
+                       "dino_vitbase16_pretrain.pth": "vit_base", "dino_vitbase8_pretrain.pth": "vit_base_p8",
+                       "dino_resnet50_pretrain.pth": "resnet50"}
 # Saved beside a classifier's head: main_lincls.py --feature-bn's standardisation of the features.
 # Dropped with the head (the projection head inside encoder_q, or a linear classifier): linear
 # evaluation adds its own.
 _CLASSIFIER_EXTRAS = ("norm.",)
 
 
+def is_dino_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether `checkpoint` is one of facebookresearch/dino's full checkpoints ({'student',
+    'teacher', 'optimizer', 'epoch', 'args', 'dino_loss'}, main_dino.py)."""
+    return all(key in checkpoint for key in _DINO_KEYS) and isinstance(checkpoint["teacher"], Mapping)
+
+
+def backbone_prefixes(checkpoint: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Where to look for the backbone in `checkpoint`'s weights, first the network it names as
+    evaluated (this project's DINO: the teacher, encoder_k)."""
+    evaluated = (checkpoint or {}).get("evaluated")
+    if isinstance(evaluated, str) and evaluated:
+        return (f"module.{evaluated}.", f"{evaluated}.", *_BACKBONE_PREFIXES)
+    return _BACKBONE_PREFIXES
+
+
 def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     """The model weights of a checkpoint: its 'state_dict' (this project, MoCo), 'model'
-    (torchvision references, DINO), or the mapping itself when it already is one."""
+    (torchvision references, DeiT), the teacher of a full DINO checkpoint (what DINO's eval_linear.py
+    and eval_knn.py read, their --checkpoint_key teacher), or the mapping itself when it already
+    is one (DINO's and timm's backbone-only files)."""
+    if is_dino_checkpoint(checkpoint):
+        return checkpoint["teacher"]
     for key in ("state_dict", "model"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             return checkpoint[key]
@@ -173,12 +217,14 @@ def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The trained backbone's weights under its family's names (torchvision's for a ResNet:
     conv1.weight, layer1.0...).
 
-    Keeps `encoder_q` (the network being trained, for every method), strips its prefix and drops
+    Keeps the network the checkpoint's method evaluates (`evaluated`: DINO's teacher; else
+    `encoder_q`, the network being trained), strips its prefix and drops
     the projection/prediction heads, the key/target network and the MoCo queue. Works for this
     project's checkpoints, facebookresearch/moco's, moco-v3's and a plain torchvision state dict.
     """
-    state = translate_foreign(model_state_dict(checkpoint), _BACKBONE_PREFIXES)  # moco-v3's timm ViTs
-    prefix, family = find_backbone(state)
+    prefixes = backbone_prefixes(checkpoint)
+    state = translate_foreign(model_state_dict(checkpoint), prefixes)  # moco-v3's and DINO's timm ViTs
+    prefix, family = find_backbone(state, prefixes)
     dropped = (f"{family.HEAD}.", *_CLASSIFIER_EXTRAS)
     return {
         k[len(prefix) :]: v
@@ -187,10 +233,10 @@ def extract_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def find_backbone(state: Mapping[str, Any]) -> tuple[str, ModuleType]:
+def find_backbone(state: Mapping[str, Any], prefixes: tuple[str, ...] = _BACKBONE_PREFIXES) -> tuple[str, ModuleType]:
     """The key prefix under which `state` (model weights) holds the trained backbone, e.g.
     'module.encoder_q.', and the backbone's family (selfsup.backbones)."""
-    found = find_in_state(translate_foreign(state, _BACKBONE_PREFIXES), _BACKBONE_PREFIXES)
+    found = find_in_state(translate_foreign(state, prefixes), prefixes)
     if found is None:
         families = FAMILIES.values()
         expected = " or ".join(f"'module.encoder_q.{f.MARKER}' (this project, facebookresearch/moco) or '{f.MARKER}'"
@@ -248,8 +294,9 @@ def checkpoint_origin(state: Mapping[str, Any]) -> str | None:
     """Who wrote the model weights `state`, where their layout tells: 'moco-v3' (its `base_encoder`,
     or a ViT under timm's names whose position embedding is moco-v3's fixed sin-cos one, as its
     convert_to_deit.py writes it), 'timm' (a ViT under timm's names with a learned position
-    embedding: timm's, DeiT's and DINO's files), or None (this project, facebookresearch/moco,
-    torchvision)."""
+    embedding: timm's, DeiT's and DINO's backbone-only files), or None (this project,
+    facebookresearch/moco, torchvision). DINO's checkpoints are told by what holds the weights
+    (infer_arch_info)."""
     if any(k.startswith(_MOCOV3_PREFIXES) for k in state):
         return "moco-v3"
     for prefix in ("module.", ""):
@@ -260,28 +307,39 @@ def checkpoint_origin(state: Mapping[str, Any]) -> str | None:
     return None
 
 
-def infer_arch_info(checkpoint: Mapping[str, Any], arch: str | None = None) -> dict[str, Any]:
+def infer_arch_info(checkpoint: Mapping[str, Any], arch: str | None = None,
+                    file_name: str | None = None) -> dict[str, Any]:
     """What a checkpoint says about how to rebuild its backbone: arch, method, small stem, and who
-    wrote it (`origin`, checkpoint_origin). `arch` (the user's -a) must agree with the checkpoint's
-    record; for a ViT it names the variant when the checkpoint cannot (selfsup.backbones.identify).
-    Raises ValueError naming the choices when the variant cannot be told."""
+    wrote it (`origin`, checkpoint_origin; 'dino' for facebookresearch/dino's full checkpoints and
+    its published backbone-only files, recognised by `file_name`, which are DINO's method). `arch`
+    (the user's -a) must agree with the checkpoint's record; for a ViT it names the variant when
+    the checkpoint cannot (selfsup.backbones.identify). Raises ValueError naming the choices when
+    the variant cannot be told."""
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), Mapping) else {}
     state = model_state_dict(checkpoint)
     origin = checkpoint_origin(state)
     recorded = checkpoint.get("arch") or args.get("arch")
+    bare = all(isinstance(v, torch.Tensor) for v in checkpoint.values())  # a backbone-only file
+    dino_file = DINO_BACKBONE_FILES.get(file_name or "") if bare else None
+    if is_dino_checkpoint(checkpoint) or dino_file:
+        # DINO's args.arch names its 6-head ViT-S `vit_small` (12 heads here): its layout and DeiT's
+        # head counts tell the variant (PUBLISHED_HEADS['dino']), its name only a ResNet's.
+        origin, recorded = "dino", dino_file or args.get("arch")
     info = {
         "arch": recorded,
-        "method": checkpoint.get("method") or args.get("method") or ("mocov3" if origin == "moco-v3" else None),
+        "method": checkpoint.get("method") or args.get("method")
+        or {"moco-v3": "mocov3", "dino": "dino"}.get(origin or ""),
         "small_stem": args.get("small_stem"),
         "origin": origin,
     }
     try:
-        family = find_backbone(state)[1]
+        family = find_backbone(state, backbone_prefixes(checkpoint))[1]
     except CheckpointError:
         family = None
     if family is not None and hasattr(family, "identify"):
         # A name alone does not say which variant: this project's ViT-S had 6 heads before its
-        # checkpoints recorded the count, moco-v3's has 12; trust it with the record or from moco-v3.
+        # checkpoints recorded the count, moco-v3's has 12, DINO's `vit_small` 6; trust it with the
+        # record or from moco-v3 - DINO's variant comes from its layout, identify's origin 'dino'.
         variant = checkpoint.get("backbone_variant")
         trusted = recorded if (variant is not None or origin == "moco-v3") else None
         if arch is not None and trusted is not None and arch != trusted:

@@ -32,12 +32,17 @@ COMMON: dict[str, Any] = {
     "small_stem": False,
     "stop_grad_conv1": False,  # ViTs: a frozen random patch projection (moco-v3)
     "zero_init_residual": False,  # ResNets: torchvision's default init (moco-v3 zeroes each block's last BN)
+    "vit_init": "mocov3",  # ViTs: moco-v3's fixed sin-cos position embedding and init (dino: DINO's, learned)
+    "drop_path_rate": 0.0,  # ViTs: stochastic depth (DINO's student: 0.1)
+    "min_lr": 0.0,  # the cosine schedule's floor (DINO: 1e-6)
+    "weight_decay_end": None,  # a cosine from --wd to this (DINO: 0.04 -> 0.4); None: constant
     "wd_exclude": "none",  # every parameter decays (selfsup.optim.WD_EXCLUDE)
     "bn_splits": 1,
     "sync_bn": False,
     "classic_momentum": False,
     "lars_eta": 0.001,  # LARS's trust coefficient: BYOL's and SimCLR's (and their ImageNet recipes')
     "knn_every": 0,
+    "amp": "none",  # mixed precision (the GPU recipes that use it set it: DINO's fp16)
 }
 
 # What every small-image preset (`small-<method>`: 28-32 px, Fashion-MNIST or CIFAR, a few epochs)

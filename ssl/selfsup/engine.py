@@ -28,7 +28,7 @@ from .distributed import DistInfo, all_reduce_sum, broadcast_buffers_
 from .meters import MetricsWriter
 from .monitor import KNNMonitor, check_collapse, embedding_std
 from .networks import unwrap
-from .optim import learning_rate, set_lr
+from .optim import cosine_lr, learning_rate, set_lr
 from .resume import (Checkpointer, check_same_run, is_data_id, legacy_run_definition, read_checkpoint,
                      restore_run_state, run_definition, run_state)
 from .rng import MicroStreams, preserved
@@ -63,6 +63,11 @@ class StepContext:
     stop: StopRequest = field(default_factory=StopRequest)
     # --accum-iter: each step's micro-batches (selfsup.accumulation); K = 1 without it.
     acc: Accumulation = field(default_factory=Accumulation)
+    # The cosine's floor (--min-lr, DINO's), and the weight decay along a cosine to `wd_end`
+    # (--weight-decay-end, DINO's) for the parameter groups that decay; None: constant.
+    min_lr: float = 0.0
+    wd: float = 0.0
+    wd_end: float | None = None
     # Called on rank 0 at every printed step with that step's figures and the global step
     # (MetricsWriter.scalars: TensorBoard curves finer than one point per epoch).
     scalars: Callable[[dict, int], None] | None = None
@@ -134,8 +139,14 @@ def _set_schedules(core: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepC
                    step: int) -> tuple[float, float | None]:
     """The learning rate and the method's momentum at this step (fractional epoch); returns both."""
     epoch_float = epoch + step / ctx.steps_per_epoch
-    lr = learning_rate(ctx.base_lr, epoch_float, ctx.epochs, ctx.cos, ctx.schedule, ctx.warmup_epochs)
+    lr = learning_rate(ctx.base_lr, epoch_float, ctx.epochs, ctx.cos, ctx.schedule, ctx.warmup_epochs, ctx.min_lr)
     set_lr(optimizer, lr)
+    if ctx.wd_end is not None:  # DINO's utils.cosine_scheduler(wd, wd_end), on the groups that decay
+        wd = cosine_lr(ctx.wd, epoch_float, ctx.epochs, 0.0, ctx.wd_end)
+        for group in optimizer.param_groups:
+            if group.setdefault("decays", group["weight_decay"] > 0):
+                group["weight_decay"] = wd
+    core.set_epoch(epoch_float)
     return lr, core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)
 
 
@@ -177,8 +188,10 @@ def _optimizer_step(model: nn.Module, micro: list[list[torch.Tensor]], optimizer
             f"on {int(non_finite)} of {ctx.dist.world_size} process(es) (here: {mean.item()}); stopping before "
             "this step is applied. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16."
         )
+    core.before_optimizer_step(optimizer, scaler)
     scaler.step(optimizer)
     scaler.update()
+    core.after_optimizer_step()
     return mean, skipped_sum, stop
 
 
@@ -365,7 +378,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
                     and ((epoch + 1) % knn_every == 0 or epoch + 1 == ctx.epochs)):
                 t1 = time.time()
                 with preserved():  # after the checkpoint: the evaluation must not move the random streams
-                    record.update(monitor(core.encoder_q), knn_time_s=time.time() - t1)
+                    record.update(monitor(getattr(core, core.evaluated)), knn_time_s=time.time() - t1)
                 knn_end = record["knn_top1"]
             embed_dim = core.last_z.shape[1] if core.last_z is not None else 1
             record["collapse_warning"] = check_collapse(stats["embed_std"], embed_dim, epoch)
@@ -401,7 +414,7 @@ def _knn_before_training(core: nn.Module, monitor: KNNMonitor | None, metrics: M
         return metrics.first("knn_top1", before_training=True)
     t0 = time.time()
     with preserved():  # the first step's random streams as without the evaluation
-        record = monitor(core.encoder_q)
+        record = monitor(getattr(core, core.evaluated))
     metrics.write({"before_training": True, **record, "knn_time_s": time.time() - t0})
     logger.info("Before training: kNN top-1 %.2f (the network's random start; every epoch below is reported "
                 "against it)", record["knn_top1"])
@@ -434,7 +447,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     tools expect."""
     core = unwrap(model)
     return {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step, "arch": args.arch,
-            "backbone_variant": record(core.encoder_q), "method": args.method,
+            "backbone_variant": record(core.encoder_q), "method": args.method, "evaluated": core.evaluated,
             "state_dict": {f"module.{k}": v for k, v in core.state_dict().items()},
             "run": run_definition(vars(args)), **run_state(optimizer, args, dist, rng, scaler),
             "meters": {k: float(v) for k, v in (meters or {}).items()}}  # loss_sum may be on the device

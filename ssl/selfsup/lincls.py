@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import Features, check_record, record
+from .backbones import DEFAULT_FEATURES, check_record, feature_options, record
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .errors import UsageError
 from .data import training_loader
@@ -51,9 +51,14 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
-def features_fingerprint(weights: Mapping[str, torch.Tensor], transform: Callable, samples: Sequence) -> str:
-    """A hash of what the cached features depend on: backbone weights, transform, image list."""
+def features_fingerprint(weights: Mapping[str, torch.Tensor], transform: Callable, samples: Sequence,
+                         features: Mapping[str, object] | None = None) -> str:
+    """A hash of what the cached features depend on: backbone weights, transform, image list, and
+    which features (`features`, selfsup.backbones.feature_options; the default ones hash as before)."""
     h = hashlib.sha256()
+    options = feature_options(features)
+    if options != DEFAULT_FEATURES:
+        h.update(repr(sorted(options.items())).encode())
     for k in sorted(weights):
         h.update(k.encode())
         h.update(weights[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -270,9 +275,9 @@ def _cached_epochs(probe: LinearProbe, optimizer: torch.optim.Optimizer, train_d
     fingerprint = {}
     if run.save_features:
         weights = probe.backbone.state_dict()
-        fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples)
+        fingerprint = {name: features_fingerprint(weights, ds.transform, ds.samples, probe.feature_options)
                        for name, ds in (("train", train_ds), ("val", val_ds))}
-    trunk = Features(probe.backbone)
+    trunk = probe.trunk()
     (train_feats, train_labels), (val_feats, val_labels) = (
         load_or_extract_features(trunk, loaders[name], device,
                                  run.output_dir / f"features_{name}.pth" if name in fingerprint else None,
@@ -401,7 +406,7 @@ def classifier_state(probe: LinearProbe, optimizer: torch.optim.Optimizer, args,
     return {
         "kind": CHECKPOINT_KIND, "epoch": epoch, "arch": arch, "backbone_variant": record(probe.backbone),
         "small_stem": small_stem, "image_size": image_size,
-        "feature_bn": isinstance(probe.norm, nn.BatchNorm1d),
+        "feature_bn": isinstance(probe.norm, nn.BatchNorm1d), "features": dict(probe.feature_options),
         "num_classes": len(classes), "classes": list(classes),
         "state_dict": {f"module.{k}": v for k, v in probe.classifier_state_dict().items()},
         "best_acc1": best_acc1, "val": dict(val), "pretrained": pretrained,
@@ -418,6 +423,9 @@ def restore_classifier(path: Path, ckpt: dict, probe: LinearProbe, *, arch: str,
     problems = [f"arch {ckpt['arch']!r} (this command: {arch!r})"] if ckpt.get("arch") not in (None, arch) else []
     if "classes" in ckpt and list(ckpt["classes"]) != classes:
         problems.append(f"{len(ckpt['classes'])} classes {list(ckpt['classes'])[:5]}... (this data: {len(classes)})")
+    trained_on = feature_options(ckpt.get("features"))  # none recorded: the default features
+    if trained_on != probe.feature_options:  # same width, other features: n_last_blocks 2 or 1 + avgpool
+        problems.append(f"features {trained_on} (this command: {probe.feature_options})")
     if problems:
         raise UsageError(f"'{path}' was trained in another setting: {', '.join(problems)}. Use a new --output-dir.")
     check_record(probe.backbone, ckpt.get("backbone_variant"), f"'{path}'")

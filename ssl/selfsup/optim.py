@@ -178,15 +178,18 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
 
 
-def cosine_lr(base_lr: float, epoch: float, epochs: float, warmup_epochs: float = 0.0) -> float:
-    """Linear warmup from 0 over `warmup_epochs`, then half-cosine decay to 0 at `epochs`.
+def cosine_lr(base_lr: float, epoch: float, epochs: float, warmup_epochs: float = 0.0, final: float = 0.0) -> float:
+    """Linear warmup from 0 over `warmup_epochs`, then half-cosine decay to `final` (0; DINO's
+    min_lr, or its weight decay's end value) at `epochs`.
 
     `epoch` is fractional (epoch + step / steps_per_epoch) so the schedule moves every step.
     """
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if not final:  # bit for bit the form the other recipes were measured with
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return final + (base_lr - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def step_lr(base_lr: float, epoch: float, schedule: Sequence[int], warmup_epochs: float = 0.0) -> float:
@@ -197,10 +200,11 @@ def step_lr(base_lr: float, epoch: float, schedule: Sequence[int], warmup_epochs
 
 
 def learning_rate(base_lr: float, epoch: float, epochs: float, cos: bool, schedule: Sequence[int] = (),
-                  warmup_epochs: float = 0.0) -> float:
-    """The learning rate at fractional `epoch`: warmup + cosine (`cos`), else MoCo's steps."""
+                  warmup_epochs: float = 0.0, min_lr: float = 0.0) -> float:
+    """The learning rate at fractional `epoch`: warmup + cosine down to `min_lr` (`cos`), else
+    MoCo's steps."""
     if cos:
-        return cosine_lr(base_lr, epoch, epochs, warmup_epochs)
+        return cosine_lr(base_lr, epoch, epochs, warmup_epochs, min_lr)
     return step_lr(base_lr, epoch, schedule, warmup_epochs)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from .backbones import ARCHS, backbone_constructor, forward_features, get_head, head_name, rebuild_options, set_head
+from .backbones import (ARCHS, Features, backbone_constructor, feature_dim, feature_options, forward_features, get_head,
+                        head_name, rebuild_options, set_head)
 from .checkpoint import extract_backbone, infer_arch_info, load_backbone, load_checkpoint
 from .data import ImageDataset, fashion_mnist_root, fashion_mnist_splits, find_samples, find_unreadable, without_files
 from .distributed import DistInfo
@@ -47,8 +48,9 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrained:
-    """Read the backbone of a pretraining checkpoint (this project's three methods,
-    facebookresearch/moco's, moco-v3's, or a plain torchvision state dict).
+    """Read the backbone of a pretraining checkpoint (this project's methods, facebookresearch/moco's,
+    moco-v3's, DINO's - the teacher of its full checkpoints, its published backbone files, told
+    by their names - or a plain torchvision state dict).
 
     `arch` (the -a flag) is optional: the checkpoint's own record wins, and a different `arch` is
     an error rather than a silently mismatched model. Raises CheckpointError or ValueError with
@@ -57,7 +59,7 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> Pretrai
     ckpt = load_checkpoint(path)
     weights = extract_backbone(ckpt)
     try:
-        info = infer_arch_info(ckpt, arch)
+        info = infer_arch_info(ckpt, arch, Path(path).name)
     except ValueError as e:
         raise ValueError(f"'{path}': {e}") from e
     arch = info["arch"]
@@ -80,14 +82,19 @@ class LinearProbe(nn.Module):
     pretrained running statistics and never updates them - under the linear protocol no part
     of the pretrained model may change, and BatchNorm statistics are part of it. `head_name` is
     where the backbone's family keeps its classifier ("fc" for ResNets): the name `fc` has in
-    the classifier's checkpoint, so that it loads into the family's own network.
+    the classifier's checkpoint, so that it loads into the family's own network. `features`:
+    which features the classifier reads (selfsup.backbones.feature_options; default the ones the
+    backbone's head receives; DINO's ViTs: the cls tokens of the last blocks, the mean patch
+    token), kept complete in `feature_options`.
     """
 
-    def __init__(self, backbone: nn.Module, fc: nn.Linear, feature_bn: bool = False, head_name: str = "fc") -> None:
+    def __init__(self, backbone: nn.Module, fc: nn.Linear, feature_bn: bool = False, head_name: str = "fc",
+                 features: Mapping[str, object] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.fc = fc
         self.head_name = head_name
+        self.feature_options = feature_options(features)
         self.norm = nn.BatchNorm1d(fc.in_features, affine=False) if feature_bn else nn.Identity()
         for p in self.backbone.parameters():
             p.requires_grad = False
@@ -101,7 +108,11 @@ class LinearProbe(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x H x W -> N x D, without building a graph through the frozen backbone."""
         with torch.no_grad():
-            return forward_features(self.backbone, x)
+            return forward_features(self.backbone, x, **self.feature_options)
+
+    def trunk(self) -> Features:
+        """The frozen backbone giving the classifier's features, as a module (extract_features)."""
+        return Features(self.backbone, **self.feature_options)
 
     @property
     def head(self) -> nn.Sequential:
@@ -113,7 +124,8 @@ class LinearProbe(nn.Module):
 
     def classifier_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the backbone family's names with the classifier as its head (a ResNet's:
-        conv1..., fc.weight), loadable into torchvision.models.<arch>(num_classes=C); with
+        conv1..., fc.weight), loadable into torchvision.models.<arch>(num_classes=C) when the
+        classifier reads the default features (DINO's last blocks make it wider); with
         feature_bn also `norm.running_mean`/`_var` (the standardisation torchvision's ResNet
         lacks: load those with strict=False and apply it before fc)."""
         state = dict(self.backbone.state_dict())
@@ -131,24 +143,29 @@ class LinearProbe(nn.Module):
 
 def build_probe(
     arch: str, small_stem: bool, num_classes: int, weights: Mapping[str, torch.Tensor] | None = None,
-    feature_bn: bool = False,
+    feature_bn: bool = False, features: Mapping[str, object] | None = None,
 ) -> LinearProbe:
     """`arch` with the pretrained `weights` (or random ones for a baseline), frozen, and a new
-    linear classifier initialised N(0, 0.01) with zero bias (MoCo, SimCLR) in its head's place.
+    linear classifier initialised N(0, 0.01) with zero bias (MoCo, SimCLR, DINO) in its head's
+    place, on the `features` a linear protocol names (LinearProbe; default the head's input).
 
     The weights must fill every backbone parameter and buffer: the only keys allowed to be
     missing are the head's (fc.weight and fc.bias), anything else is a CheckpointError listing
     the keys.
     """
+    options = feature_options(features)
     net = backbone_constructor(arch, small_stem, **(rebuild_options(arch, weights) if weights is not None else {}))(
         num_classes=num_classes)
     if weights is not None:
         load_backbone(net, weights)
     fc = get_head(net)
+    width = feature_dim(net, **options)
+    if fc.in_features != width:  # wider features than the head's (DINO's last blocks): a classifier of their width
+        fc = nn.Linear(width, num_classes)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
     set_head(net, nn.Identity())
-    return LinearProbe(net, fc, feature_bn, head_name(net))
+    return LinearProbe(net, fc, feature_bn, head_name(net), options)
 
 
 def changed_backbone_keys(probe: LinearProbe, reference: Mapping[str, torch.Tensor]) -> list[str]:

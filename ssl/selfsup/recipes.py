@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import COMMON, DEMO, INFO_KEYS, merge
 from .errors import UsageError
-from .backbones import FAMILIES
+from .backbones import DEFAULT_FEATURES, FAMILIES, feature_options
 from .methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,16 @@ def resolve(method: str | None, preset: str | None, demo: bool, explicit: dict[s
     method = method or (recipe or {}).get("method") or (DEMO_METHOD if demo else DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"unknown --method '{method}'; valid: {', '.join(METHODS)}")
-    return merge(METHODS[method], recipe, demo, explicit, preset)
+    cfg = merge(METHODS[method], recipe, demo, explicit, preset)
+    crops = [f"--{k.replace('_', '-')}" for k in MULTI_CROP_KEYS if k in explicit]
+    if crops and cfg.get("aug") != "dino":
+        raise ValueError(f"{', '.join(crops)}: options of the dino augmentation's multi-crop, and this run's "
+                         f"augmentation is {cfg.get('aug')}; add --aug dino or drop them")
+    return cfg
+
+
+# DINO's multi-crop flags: they shape the dino augmentation's views (aug_options), no other's.
+MULTI_CROP_KEYS = ("local_crops_number", "local_crops_size", "global_crops_scale", "local_crops_scale")
 
 
 # main_lincls.py's optimisation flags, which a linear protocol fills.
@@ -94,7 +103,12 @@ PROTOCOL_FLAGS = ("optimizer", "lr", "nesterov", "wd", "cos", "schedule", "epoch
 def linear_protocol(args: argparse.Namespace, method: str | None, arch: str | None = None) -> str:
     """Fill main_lincls.py's unset optimisation flags in place from the protocol of the
     checkpoint's `method` (MoCo's, the script's defaults as facebookresearch/moco's, when none is
-    recorded), for the family of `arch` where the protocol differs by backbone family. Each flag given on the command line wins on its own; the others keep the protocol's.
+    recorded), for the family of `arch` where the protocol differs by backbone family
+    ("by_family") and for `arch` itself where it differs by network ("by_arch", over the
+    family's). Each flag given on the command line wins on its own; the others keep the protocol's.
+    `args.features`, unless already set (a trained classifier's own), becomes the protocol's
+    "features" (selfsup.backbones.feature_options: {"n_last_blocks", "avgpool"}; none: the
+    features the backbone's head receives).
     A recorded method this project does not know is a UsageError unless every flag is given.
     Returns a line saying what was chosen and why, for the log."""
     given = [key for key in PROTOCOL_FLAGS if getattr(args, key) is not None]  # by the command line or the run resumed
@@ -103,7 +117,8 @@ def linear_protocol(args: argparse.Namespace, method: str | None, arch: str | No
         protocol = LINEAR[name]
         if arch is not None:  # a protocol per backbone family (moco-v3: ResNets and ViTs)
             family = next(key for key, module in FAMILIES.items() if arch in module.ARCHS)
-            protocol = {**protocol, **protocol.get("by_family", {}).get(family, {})}
+            protocol = {**protocol, **protocol.get("by_family", {}).get(family, {}),
+                        **protocol.get("by_arch", {}).get(arch, {})}
         why = (f"{name}'s protocol, from {protocol['source']}" if method
                else "MoCo's protocol (the checkpoint records no method)")
     elif len(given) < len(PROTOCOL_FLAGS):
@@ -117,11 +132,17 @@ def linear_protocol(args: argparse.Namespace, method: str | None, arch: str | No
             setattr(args, key, protocol[key])
     if args.lr is None:
         args.lr = protocol.get("lr") or protocol["lr_per_256"] * args.batch_size / 256
+    if getattr(args, "features", None) is None:
+        args.features = feature_options(protocol.get("features"))
+    features = feature_options(args.features)
     if not args.cos and any(m >= args.epochs for m in args.schedule):
         logger.warning("--schedule %s has milestones at or past --epochs %d: those lr drops never happen",
                        args.schedule, args.epochs)
     how = (f"{args.optimizer}{' nesterov' if args.nesterov else ''}, lr {args.lr:g}, "
-           + ("cosine" if args.cos else f"x0.1 at {args.schedule}") + f", wd {args.wd:g}, {args.epochs} epochs")
+           + ("cosine" if args.cos else f"x0.1 at {args.schedule}") + f", wd {args.wd:g}, {args.epochs} epochs"
+           + ("" if features == DEFAULT_FEATURES else
+              f", features: the cls tokens of the last {features['n_last_blocks']} block(s)"
+              + (" and the mean patch token" if features["avgpool"] else "")))
     given_text = f" ({', '.join('--' + k for k in given)} given)" if given else ""
     return f"linear evaluation: {how} - {why}{given_text}; docs/EVALUATION.md"
 
@@ -152,3 +173,17 @@ def optimisation_line(cfg: dict[str, Any], preset: str | None) -> str:
     if preset is None and papers:
         line += f"; the paper's whole recipe: --preset {' / '.join(papers)}"
     return f"optimisation: {line}"
+
+
+def aug_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of selfsup.data.augmentations.get_preset that a run's flags give: DINO's crops
+    (--local-crops-number, --local-crops-size - by default 96 at 224 px, in proportion elsewhere -
+    and the crops' area ranges) under --aug dino; none for the two-view presets, which DINO can
+    train with too (its two global crops only)."""
+    if cfg.get("aug") != "dino" or cfg.get("local_crops_number") is None:  # DINO over two views (--aug byol...)
+        return {}
+    from .methods.dino import local_crops_size
+
+    return {"local_crops_number": cfg["local_crops_number"],
+            "local_size": cfg.get("local_crops_size") or local_crops_size(cfg["image_size"]),
+            "global_scale": tuple(cfg["global_crops_scale"]), "local_scale": tuple(cfg["local_crops_scale"])}

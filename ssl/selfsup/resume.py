@@ -56,9 +56,9 @@ logger = logging.getLogger(__name__)
 # records them (run.json and every checkpoint); resuming with other values is refused unless asked
 # for (--accept-changes). --epochs is not among them: extending a run is allowed. Nor are what only
 # changes speed or reporting (workers, devices, print and save rates).
-RUN_DEFINING = ("data", "method", "arch", "small_stem", "zero_init_residual", "image_size", "aug", "batch_size", "lr",
-                "optimizer", "momentum", "wd", "wd_exclude", "cos", "schedule", "warmup_epochs", "classic_momentum",
-                "lars_eta", "sync_bn", "amp", "seed")
+RUN_DEFINING = ("data", "method", "arch", "small_stem", "zero_init_residual", "vit_init", "drop_path_rate",
+                "image_size", "aug", "batch_size", "lr", "optimizer", "momentum", "wd", "wd_exclude", "weight_decay_end",
+                "cos", "schedule", "warmup_epochs", "min_lr", "classic_momentum", "lars_eta", "sync_bn", "amp", "seed")
 
 
 def run_keys(method: str | None) -> tuple[str, ...]:

@@ -8,6 +8,10 @@ the checkpoints and the detection converter without touching them.
     get_head(net) -> nn.Module            the classifier, or the projection head a method put there
     set_head(net, module) -> None         replace it (nn.Identity() removes it)
     forward_features(net, x) -> Tensor    N x feature_dim, the head left out
+    forward_features(net, x, n_last_blocks=4, avgpool=False), feature_dim(net, ...)
+                                          an evaluation's other features (DINO's linear
+                                          evaluation of ViTs; FEATURE_OPTIONS)
+    set_drop_path(net, rate) -> None      the stochastic depth of a built network (DINO's teacher: 0)
 
 A family is one module of this package, registered in FAMILIES. It provides:
 
@@ -23,6 +27,8 @@ A family is one module of this package, registered in FAMILIES. It provides:
     describe(weights) -> dict  what the weights say about how to rebuild the net (e.g. small_stem)
 and optionally rebuild_options(weights) -> dict (constructor keywords that rebuild the net from
 its weights), flag_options(flags) -> dict (constructor keywords from main_pretrain.py's flags),
+FEATURE_OPTIONS (the keywords beyond x its forward_features and feature_dim take: a ViT's
+n_last_blocks and avgpool), set_drop_path(net, rate) (stochastic depth),
 FOREIGN_MARKER and from_timm_names(state, prefix): another library's names for the
 family's networks (moco-v3's timm ViTs), translated when a checkpoint holds them; and, for a
 family whose variants the weights cannot tell apart (ViT-S with 6 or 12 heads), record(net) ->
@@ -83,9 +89,40 @@ def backbone_constructor(arch: str, small_stem: bool = False, **kwargs: Any) -> 
     return partial(build_backbone, arch, small_stem=small_stem, **kwargs)
 
 
-def feature_dim(net: nn.Module) -> int:
-    """Width of the features `net` hands its head."""
-    return family_of(net).feature_dim(net)
+# The features every evaluation reads unless its protocol says otherwise: the ones the head
+# receives (a ResNet's pooled last stage, a ViT's final cls token).
+DEFAULT_FEATURES: dict[str, Any] = {"n_last_blocks": 1, "avgpool": False}
+
+
+def feature_options(features: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`features` (a linear protocol's "features", a classifier checkpoint's record) completed with
+    DEFAULT_FEATURES: {"n_last_blocks": int, "avgpool": bool}. An unknown key is a ValueError."""
+    unknown = sorted(set(features or {}) - set(DEFAULT_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown feature options {unknown}; valid: {', '.join(DEFAULT_FEATURES)}")
+    out = {**DEFAULT_FEATURES, **(features or {})}
+    return {"n_last_blocks": int(out["n_last_blocks"]), "avgpool": bool(out["avgpool"])}
+
+
+def _family_for_features(net: nn.Module, n_last_blocks: int, avgpool: bool) -> tuple[ModuleType, dict[str, Any]]:
+    """`net`'s family and the keywords beyond x to call its forward_features / feature_dim with
+    (none for the default features: every family takes those)."""
+    family = family_of(net)
+    options = {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+    if options == DEFAULT_FEATURES:
+        return family, {}
+    if set(getattr(family, "FEATURE_OPTIONS", ())) != set(options):
+        raise ValueError(f"a {family.TITLE}'s features are the ones its head receives: n_last_blocks={n_last_blocks}, "
+                         f"avgpool={avgpool} are options of a Vision Transformer's (DINO's linear evaluation); "
+                         "give them per backbone family or architecture in a linear protocol")
+    return family, options
+
+
+def feature_dim(net: nn.Module, n_last_blocks: int = 1, avgpool: bool = False) -> int:
+    """Width of the features `net` hands its head - or, with `n_last_blocks` / `avgpool`, of
+    those forward_features gives with them."""
+    family, options = _family_for_features(net, n_last_blocks, avgpool)
+    return family.feature_dim(net, **options)
 
 
 def head_name(net: nn.Module) -> str:
@@ -112,23 +149,40 @@ def set_head(net: nn.Module, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def forward_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x: N x 3 x H x W -> N x feature_dim(net): `net` without its head, whatever the head is."""
-    return family_of(net).forward_features(net, x)
+def forward_features(net: nn.Module, x: torch.Tensor, n_last_blocks: int = 1, avgpool: bool = False) -> torch.Tensor:
+    """x: N x 3 x H x W -> N x feature_dim(net): `net` without its head, whatever the head is.
+    For a ViT, `n_last_blocks` > 1 concatenates the cls tokens of the last blocks and `avgpool`
+    adds the mean patch token (DINO's linear evaluation, selfsup.backbones.vit.forward_features);
+    another family takes only the defaults (a ValueError otherwise)."""
+    family, options = _family_for_features(net, n_last_blocks, avgpool)
+    return family.forward_features(net, x, **options)
 
 
 class Features(nn.Module):
     """`net` seen without its head, as a module (`extract_features` takes one); it shares `net`'s
     weights and takes its train/eval mode, so an evaluation during training sees the live
-    network."""
+    network. `n_last_blocks`, `avgpool`: forward_features' options."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, n_last_blocks: int = 1, avgpool: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.options = {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+        _family_for_features(net, n_last_blocks, avgpool)  # refused here, not at the first batch
         self.train(net.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_features(self.net, x)  # N x D
+        return forward_features(self.net, x, **self.options)  # N x D
+
+
+def set_drop_path(net: nn.Module, rate: float) -> None:
+    """Set the stochastic depth of the built network `net` (a ViT's, DINO's rule: per sample,
+    rising linearly over the blocks to `rate` at the last; 0 turns it off, as in DINO's teacher,
+    a copy of its student). A family without stochastic depth takes only 0."""
+    hook = getattr(family_of(net), "set_drop_path", None)
+    if hook is not None:
+        hook(net, rate)
+    elif rate:
+        raise ValueError(f"a {family_of(net).TITLE} has no stochastic depth (drop path rate {rate})")
 
 
 def rebuild_options(arch: str, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -139,7 +193,7 @@ def rebuild_options(arch: str, weights: Mapping[str, torch.Tensor]) -> dict[str,
 
 def flag_options(arch: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor keywords of `arch` that main_pretrain.py's `flags` give (a ViT's image
-    size and --stop-grad-conv1; nothing for a ResNet)."""
+    size, --stop-grad-conv1, --vit-init and --drop-path-rate; a ResNet's --zero-init-residual)."""
     hook = getattr(family_of_arch(arch), "flag_options", None)
     return hook(flags) if hook else {}
 
@@ -200,6 +254,7 @@ def find_in_state(state: Mapping[str, Any], prefixes: tuple[str, ...]) -> tuple[
     return None
 
 
-__all__ = ["ARCHS", "ARCH_HELP", "FAMILIES", "Features", "backbone_constructor", "build_backbone", "check_record", "family_of",
-           "family_of_arch", "feature_dim", "find_in_state", "flag_options", "forward_features", "get_head", "head_name",
-           "identify", "rebuild_options", "record", "set_head", "translate_foreign"]
+__all__ = ["ARCHS", "ARCH_HELP", "DEFAULT_FEATURES", "FAMILIES", "Features", "backbone_constructor", "build_backbone",
+           "check_record", "family_of", "family_of_arch", "feature_dim", "feature_options", "find_in_state",
+           "flag_options", "forward_features", "get_head", "head_name", "identify", "rebuild_options", "record",
+           "set_drop_path", "set_head", "translate_foreign"]

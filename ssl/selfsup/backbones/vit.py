@@ -9,6 +9,16 @@ it found to stabilise training. Features are the cls token after the final Layer
 linear evaluation reads them. torchvision's module keeps the parameter names (`conv_proj`,
 `class_token`, `encoder.pos_embedding`, `encoder.layers.encoder_layer_i.*`, `encoder.ln`); the
 classifier is `head`.
+
+DINO (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021;
+facebookresearch/dino vision_transformer.py) builds the same network with other choices, here
+`init="dino"`: a learned position embedding and cls token drawn from a normal truncated at +-2
+with std .02, every Linear the same with zero bias, LayerNorms 1/0, the patch projection with
+PyTorch's default Conv2d initialisation; stochastic depth (`drop_path_rate`, per sample, rising
+linearly over the blocks, on both residual branches); inputs of other sizes than the network's
+through its bicubic interpolation of the position embedding (its 96-pixel local crops); and for
+its linear evaluation the cls tokens of the last blocks and the mean of the patch tokens
+(`forward_features(net, x, n_last_blocks, avgpool)`).
 """
 
 from __future__ import annotations
@@ -48,29 +58,70 @@ LEGACY_RECORD = {"num_heads": 6}
 LEGACY_NAMES = {"vit_small": "deit_small", "vit_small_p4": "deit_small_p4"}
 # The head count each publisher's ViTs have, by width, for checkpoints that do not record it:
 # moco-v3's (12 whatever the width) and timm's names as timm and DINO save them (DeiT's: 64 per head).
-PUBLISHED_HEADS: dict[str, dict[int, int]] = {"moco-v3": {384: 12, 768: 12}, "timm": {384: 6, 768: 12}}
+# DINO's files (origin 'dino') hold its vision_transformer.py's vit_small (num_heads=6) and vit_base (12).
+PUBLISHED_HEADS: dict[str, dict[int, int]] = {"moco-v3": {384: 12, 768: 12}, "timm": {384: 6, 768: 12},
+                                              "dino": {384: 6, 768: 12}}
+# The initialisations `build` takes (main_pretrain.py's --vit-init): moco-v3's and DINO's.
+INITS = ("mocov3", "dino")
+# The options of `forward_features` beyond the default features (selfsup.backbones.forward_features).
+FEATURE_OPTIONS = ("n_last_blocks", "avgpool")
 ARCHS = tuple(VARIANTS)
 TITLE = "Vision Transformer"
 HEAD = "head"
 MARKER = "conv_proj.weight"
 
 
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample, DINO's formula (vision_transformer.py drop_path): each sample's
+    branch `x` (N x ...) is zeroed with probability `drop_prob` and the others scaled by
+    1 / (1 - drop_prob). The draws come from torch's global generator (torch.rand), none when
+    `drop_prob` is 0 or not `training`."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # N x 1 x ... x 1: one draw per sample
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    random_tensor.floor_()  # 1 with probability keep_prob, else 0
+    return x.div(keep_prob) * random_tensor
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """DINO's stochastic depth decay rule: block i of `depth` drops its branches with probability
+    i * rate / (depth - 1), from 0 at the first block to `rate` at the last (as float32's linspace
+    gives them: `[x.item() for x in torch.linspace(0, drop_path_rate, depth)]`)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"the drop path rate is a probability in [0, 1), got {rate}")
+    return [x.item() for x in torch.linspace(0, rate, depth)]
+
+
 class VisionTransformer(torchvision.models.VisionTransformer):
-    """torchvision's ViT with moco-v3's position embedding, initialisation and stop-grad conv1;
-    the classifier is `head` (torchvision's `heads` holds nothing)."""
+    """torchvision's ViT with moco-v3's position embedding, initialisation and stop-grad conv1
+    (`init="mocov3"`) or DINO's (`init="dino"`), DINO's stochastic depth (`drop_path_rate`) and
+    inputs of any size that is a multiple of the patch; the classifier is `head` (torchvision's
+    `heads` holds nothing). The blocks are torchvision's `EncoderBlock`s, run by `_block` (their
+    forward with a drop path on each residual branch): the state dict is torchvision's."""
 
     def __init__(self, image_size: int, patch_size: int, hidden_dim: int, num_layers: int, num_heads: int,
-                 num_classes: int = 1000, stop_grad_conv1: bool = False) -> None:
+                 num_classes: int = 1000, stop_grad_conv1: bool = False, init: str = "mocov3",
+                 drop_path_rate: float = 0.0) -> None:
+        if init not in INITS:
+            raise ValueError(f"unknown ViT initialisation '{init}'; valid: {', '.join(INITS)}")
         super().__init__(image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
                          hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim, num_classes=1,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.heads = nn.Identity()
         self.head = nn.Linear(hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
-        grid = image_size // patch_size
-        with torch.no_grad():
-            self.encoder.pos_embedding.copy_(sincos_position_embedding(grid, hidden_dim))
-        self.encoder.pos_embedding.requires_grad = False  # fixed, as moco-v3's
-        self._init_weights(stop_grad_conv1)
+        self.init = init
+        if init == "mocov3":
+            grid = image_size // patch_size
+            with torch.no_grad():
+                self.encoder.pos_embedding.copy_(sincos_position_embedding(grid, hidden_dim))
+            self.encoder.pos_embedding.requires_grad = False  # fixed, as moco-v3's
+            self._init_weights(stop_grad_conv1)
+        else:
+            self._init_dino_weights(stop_grad_conv1)
+        self.drop_path_rates = drop_path_rates(drop_path_rate, num_layers)  # per block
+        self.drop_path_rate = drop_path_rate
 
     def _init_weights(self, stop_grad_conv1: bool) -> None:
         for module in self.modules():
@@ -93,11 +144,93 @@ class VisionTransformer(torchvision.models.VisionTransformer):
             proj.weight.requires_grad = False
             proj.bias.requires_grad = False
 
+    def _init_dino_weights(self, stop_grad_conv1: bool) -> None:
+        """DINO's VisionTransformer.__init__ and _init_weights: trunc_normal_(std=.02) (its utils'
+        bounds, -2 and 2, absolute as torch's) for the position embedding, the cls token and every
+        Linear - the attention's query/key/value projection is one Linear there, one matrix here -
+        with zero biases; LayerNorms 1/0; its PatchEmbed's Conv2d keeps PyTorch's default init."""
+        nn.init.trunc_normal_(self.encoder.pos_embedding, std=0.02)
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.MultiheadAttention):
+                nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
+                nn.init.zeros_(module.in_proj_bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.conv_proj.reset_parameters()  # torchvision's own init replaced by nn.Conv2d's, as DINO's
+        if stop_grad_conv1:
+            self.conv_proj.weight.requires_grad = False
+            self.conv_proj.bias.requires_grad = False
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """The position embedding for an input of height x width pixels: 1 x (1 + h w) x D for its
+        h x w patches. DINO's interpolate_pos_encoding: the stored one when the input is square with
+        as many patches, else its patch part resized bicubically with scale factors
+        (h + 0.1) / grid and (w + 0.1) / grid - the 0.1 against floating point error in the output
+        size, facebookresearch/dino#8 - the cls slot unchanged.
+
+        moco-v3's fixed sin-cos embedding is interpolated the same way, not recomputed for the new
+        grid: DINO's code interpolates whatever embedding its network holds, so DINO with moco-v3's
+        init sees here what it would see there; and a recomputed one would give a 96-pixel crop
+        the positions 0..5 of the global crop's top-left corner, where the interpolation spreads
+        the global grid's span (0..13) over its 6 x 6 patches."""
+        pos = self.encoder.pos_embedding  # 1 x (1 + grid^2) x D
+        h, w = height // self.patch_size, width // self.patch_size
+        n = pos.shape[1] - 1
+        if h * w == n and height == width:
+            return pos
+        grid, dim = math.sqrt(n), pos.shape[-1]
+        patches = pos[:, 1:].reshape(1, int(grid), int(grid), dim).permute(0, 3, 1, 2)  # 1 x D x grid x grid
+        patches = nn.functional.interpolate(patches, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid),
+                                            mode="bicubic")  # 1 x D x h x w
+        if patches.shape[-2:] != (h, w):
+            raise ValueError(f"interpolating the position embedding to {h} x {w} patches gave "
+                             f"{tuple(patches.shape[-2:])}")
+        return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x H x W -> N x (1 + S) x D: cls token and patch tokens (row-major) with their
+        position embedding (interpolated for another size than the network's), before the blocks."""
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"a {height} x {width} input is not a whole number of {self.patch_size}-pixel patches")
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # N x S x D
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.encoder.dropout(tokens + self.interpolate_pos_encoding(height, width))
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i: torchvision's EncoderBlock.forward with a drop path on each residual branch
+        (DINO's Block.forward: the attention's, then the MLP's, each its own draw)."""
+        block, p = self.encoder.layers[i], self.drop_path_rates[i]
+        y = block.ln_1(x)
+        y, _ = block.self_attention(y, y, y, need_weights=False)
+        x = x + drop_path(block.dropout(y), p, self.training)
+        return x + drop_path(block.mlp(block.ln_2(x)), p, self.training)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The tokens after each of the last `n` blocks, each through the final LayerNorm (DINO's
+        get_intermediate_layers): n tensors of N x (1 + S) x D, the last block's last."""
+        depth = len(self.encoder.layers)
+        if not 1 <= n <= depth:
+            raise ValueError(f"n_last_blocks must be between 1 and the network's {depth} blocks, got {n}")
+        x, out = self.prepare_tokens(x), []
+        for i in range(depth):
+            x = self._block(i, x)
+            if depth - i <= n:
+                out.append(self.encoder.ln(x))
+        return out
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x H x W -> the cls token after the final LayerNorm, N x D."""
-        tokens = self._process_input(x)  # N x S x D
-        cls = self.class_token.expand(tokens.shape[0], -1, -1)
-        return self.encoder(torch.cat([cls, tokens], dim=1))[:, 0]
+        x = self.prepare_tokens(x)
+        for i in range(len(self.encoder.layers)):
+            x = self._block(i, x)
+        return self.encoder.ln(x)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
@@ -119,8 +252,12 @@ def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0)
 
 
 def build(arch: str, num_classes: int, small_stem: bool = False, image_size: int | None = None,
-          stop_grad_conv1: bool = False, **kwargs: Any) -> nn.Module:
-    """`arch` (VARIANTS) for `image_size` pixels (default the variant's), `num_classes` outputs."""
+          stop_grad_conv1: bool = False, init: str = "mocov3", drop_path_rate: float = 0.0,
+          **kwargs: Any) -> nn.Module:
+    """`arch` (VARIANTS) for `image_size` pixels (default the variant's), `num_classes` outputs;
+    `init` moco-v3's ("mocov3": fixed sin-cos position embedding, xavier) or DINO's ("dino":
+    learned position embedding, trunc_normal .02); `drop_path_rate` DINO's stochastic depth at the
+    last block (0: none)."""
     if small_stem:
         raise ValueError(f"--small-stem is a ResNet stem; {arch} takes small images through its patch size "
                          "(the _p4 variants for 32 pixels)")
@@ -133,19 +270,54 @@ def build(arch: str, num_classes: int, small_stem: bool = False, image_size: int
         sizes = f"{lower} or {upper}" if lower else str(upper)
         raise ValueError(f"{arch}: image size {size} is not a multiple of its patch size {patch}; use --image-size "
                          f"{sizes}" + (" (or a _p4 variant for small images)" if patch > 4 else ""))
-    return VisionTransformer(size, patch, width, depth, heads, num_classes, stop_grad_conv1)
+    return VisionTransformer(size, patch, width, depth, heads, num_classes, stop_grad_conv1, init, drop_path_rate)
 
 
 def owns(net: nn.Module) -> bool:
     return isinstance(net, VisionTransformer)
 
 
-def feature_dim(net: nn.Module) -> int:
-    return net.hidden_dim
+def _check_feature_options(net: nn.Module, n_last_blocks: int, avgpool: bool) -> None:
+    depth = len(net.encoder.layers)
+    if not isinstance(n_last_blocks, int) or not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks must be an integer between 1 and the network's {depth} blocks, "
+                         f"got {n_last_blocks!r}")
+    if avgpool and n_last_blocks != 1:  # eval_linear.py's concatenation fails on these shapes too
+        raise ValueError(f"avgpool pairs the last block's cls token with its mean patch token (DINO's "
+                         f"--avgpool_patchtokens, with --n_last_blocks 1), not with {n_last_blocks} blocks")
 
 
-def forward_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net.forward_features(x)
+def feature_dim(net: nn.Module, n_last_blocks: int = 1, avgpool: bool = False) -> int:
+    """The width of `forward_features(net, x, n_last_blocks, avgpool)`: D x (n_last_blocks + avgpool),
+    eval_linear.py's embed_dim."""
+    _check_feature_options(net, n_last_blocks, avgpool)
+    return net.hidden_dim * (n_last_blocks + int(avgpool))
+
+
+def forward_features(net: nn.Module, x: torch.Tensor, n_last_blocks: int = 1, avgpool: bool = False) -> torch.Tensor:
+    """x: N x 3 x H x W -> N x feature_dim. By default the cls token after the final LayerNorm (what
+    moco-v3's linear evaluation and DINO's kNN, `model(inp)`, read). DINO's linear evaluation
+    (eval_linear.py): the cls tokens of the last `n_last_blocks` blocks, each after the final
+    norm, concatenated (its ViT-S: 4); with `avgpool` (its ViT-B, with 1 block) the cls token and
+    the mean of the patch tokens interleaved feature by feature - [cls_0, mean_0, cls_1, mean_1,
+    ...], as its torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(N, -1) lays
+    them out, so that its trained classifiers read them."""
+    _check_feature_options(net, n_last_blocks, avgpool)
+    if n_last_blocks == 1 and not avgpool:
+        return net.forward_features(x)
+    blocks = net.get_intermediate_layers(x, n_last_blocks)  # n_last_blocks x (N x (1 + S) x D)
+    out = torch.cat([tokens[:, 0] for tokens in blocks], dim=-1)  # N x (n_last_blocks D)
+    if avgpool:
+        mean = blocks[-1][:, 1:].mean(dim=1)  # N x D
+        out = torch.stack([out, mean], dim=-1).reshape(out.shape[0], -1)  # N x 2D, interleaved
+    return out
+
+
+def set_drop_path(net: nn.Module, rate: float) -> None:
+    """Set the stochastic depth of a built ViT to DINO's rule for `rate` (`drop_path_rates`; 0:
+    none) - DINO's teacher, a copy of the student built without it."""
+    net.drop_path_rates = drop_path_rates(rate, len(net.encoder.layers))
+    net.drop_path_rate = rate
 
 
 def describe(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -205,8 +377,10 @@ def rebuild_options(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def flag_options(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor keywords main_pretrain.py's flags give: image size, stop-grad conv1."""
-    return {"image_size": flags.get("image_size"), "stop_grad_conv1": bool(flags.get("stop_grad_conv1"))}
+    """The constructor keywords main_pretrain.py's flags give: image size, stop-grad conv1, the
+    initialisation (--vit-init: `init`) and the stochastic depth (--drop-path-rate: `drop_path_rate`)."""
+    return {"image_size": flags.get("image_size"), "stop_grad_conv1": bool(flags.get("stop_grad_conv1")),
+            "init": flags.get("vit_init") or "mocov3", "drop_path_rate": float(flags.get("drop_path_rate") or 0.0)}
 
 
 # moco-v3's ViTs are timm's: their parameter names, and the torchvision names they map onto.

@@ -1,7 +1,7 @@
 """The data path. This module: datasets - image folders (class folders or a flat folder),
 unreadable files, Fashion-MNIST - and the training loader. Its modules:
 
-    augmentations   the papers' augmentations (one spec for both pipelines), reference transforms
+    augmentations   the papers' augmentations (one spec per view for every pipeline), reference transforms
     crops           crop geometry, decode-once worker crops
     batch_augment   the batched colour half, on the training device
     inmemory        small datasets held in memory

@@ -8,9 +8,9 @@ moves the colour half onto the accelerator; both draw from the same preset defin
 from __future__ import annotations
 
 import dataclasses
-
 import random
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
@@ -24,22 +24,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE_MAX = 64
 
 
-class TwoCropsTransform:
-    """Take two random crops of one image: the query and the key (MoCo), or two views.
+class MultiCropTransform:
+    """Cut a preset's views from one image, one transform per view, in the preset's order: the
+    query and the key (MoCo), two views (SimCLR, BYOL's asymmetric pair), or DINO's two global
+    and several local crops. Returns the list of view tensors."""
 
-    With one transform both views use it (MoCo, SimCLR); with two, view 1 uses the first and
-    view 2 the second (BYOL's asymmetric augmentation).
-    """
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        if not transforms:
+            raise ValueError("MultiCropTransform needs at least one view transform")
+        self.transforms = list(transforms)
 
-    def __init__(self, base_transform, second_transform=None) -> None:
-        self.t1 = base_transform
-        self.t2 = second_transform if second_transform is not None else base_transform
-
-    def __call__(self, x):
-        return [self.t1(x), self.t2(x)]
+    def __call__(self, x) -> list:
+        return [t(x) for t in self.transforms]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(\n  view1={self.t1},\n  view2={self.t2})"
+        views = "".join(f"\n  view{i + 1}={t}," for i, t in enumerate(self.transforms))
+        return f"{type(self).__name__}({views})"
 
 
 class GaussianBlur:
@@ -68,12 +68,17 @@ class Solarize:
         return f"{type(self).__name__}(threshold={self.threshold})"
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """The random augmentation of one view, as probabilities and ranges.
 
-    One spec is the single source of truth for both pipelines: `to_torchvision` builds the
-    per-image reference transform, `selfsup.data.batch_augment` the batched one.
+    One spec is the single source of truth for every pipeline: `to_torchvision` builds the
+    per-image reference transform, `selfsup.data.crops` and `selfsup.data.batch_augment` the
+    batched one. `size` is the view's output size (None: the run's --image-size), and
+    `interpolation` the resize of its RandomResizedCrop ("bilinear", or "bicubic" as DINO's).
     """
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -87,9 +92,22 @@ class ViewSpec:
     flip_p: float = 0.5
     # MoCo v1 lists RandomGrayscale before ColorJitter; later recipes jitter first. Kept exactly.
     grayscale_first: bool = False
+    size: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation '{self.interpolation}'; valid: {', '.join(INTERPOLATIONS)}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"a view's size must be at least 1 pixel; got {self.size}")
+
+    def output_size(self, image_size: int) -> int:
+        """The view's side in pixels: its own size, else the run's `image_size`."""
+        return self.size if self.size is not None else image_size
 
     def to_torchvision(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-        ops: list = [T.RandomResizedCrop(image_size, scale=self.crop_scale, ratio=self.crop_ratio)]
+        ops: list = [T.RandomResizedCrop(self.output_size(image_size), scale=self.crop_scale, ratio=self.crop_ratio,
+                                         interpolation=T.InterpolationMode(self.interpolation))]
         jitter = T.ColorJitter(*self.jitter)
         jitter_op = jitter if self.jitter_p >= 1.0 else T.RandomApply([jitter], p=self.jitter_p)
         gray = T.RandomGrayscale(p=self.grayscale_p)
@@ -109,20 +127,41 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    """A paper's augmentation recipe: one ViewSpec per view, and where it comes from."""
+    """A paper's augmentation recipe: one ViewSpec per view, in the order the method takes them
+    (DINO: the global crops first), and where it comes from."""
 
     name: str
-    view1: ViewSpec
-    view2: ViewSpec
+    views: tuple[ViewSpec, ...]
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        if not self.views:
+            raise ValueError(f"preset '{self.name}' has no views")
+
+    def sizes(self, image_size: int) -> tuple[int, ...]:
+        """Each view's side in pixels at the run's `image_size`."""
+        return tuple(v.output_size(image_size) for v in self.views)
+
     def for_image_size(self, image_size: int) -> "Preset":
-        """The recipe at `image_size`: small images drop blur (see SMALL_IMAGE_MAX)."""
-        if image_size > SMALL_IMAGE_MAX:
-            return self
-        no_blur = lambda v: ViewSpec(**{**v.__dict__, "blur_p": 0.0})  # noqa: E731
-        return Preset(self.name, no_blur(self.view1), no_blur(self.view2), self.source, self.notes)
+        """The recipe at `image_size`: blur dropped from the views of at most SMALL_IMAGE_MAX
+        pixels, each by its own size (see SMALL_IMAGE_MAX)."""
+        views = tuple(v if v.output_size(image_size) > SMALL_IMAGE_MAX else dataclasses.replace(v, blur_p=0.0)
+                      for v in self.views)
+        return self if views == self.views else dataclasses.replace(self, views=views)
+
+    def describe(self, image_size: int) -> str:
+        """`at 224px` when every view has one size, else the views by size (`at 2x224px + 8x96px`)."""
+        sizes = self.sizes(image_size)
+        if len(set(sizes)) == 1:
+            return f"at {sizes[0]}px"
+        runs: list[list[int]] = []
+        for s in sizes:
+            if runs and runs[-1][1] == s:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, s])
+        return "at " + " + ".join(f"{n}x{s}px" for n, s in runs)
 
 
 _MOCO_V1 = ViewSpec(
@@ -140,32 +179,103 @@ _MOCOV3_RESNET_1 = dataclasses.replace(_BYOL_1, crop_scale=(0.2, 1.0))
 _MOCOV3_RESNET_2 = dataclasses.replace(_BYOL_2, crop_scale=(0.2, 1.0))
 _SIMCLR = ViewSpec(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
 
+# DINO (facebookresearch/dino main_dino.py, DataAugmentationDINO and its defaults): bicubic
+# RandomResizedCrops, BYOL's colour jitter and grayscale, and BYOL's blur/solarize pair on the two
+# global crops; the local crops blur with p 0.5. Its flip comes before the colour operations,
+# ours last: flipping commutes with all of them (and with the symmetric blur), so the
+# distribution of the views is the same.
+DINO_LOCAL_CROPS_NUMBER = 8
+DINO_GLOBAL_SCALE = (0.4, 1.0)
+DINO_LOCAL_SCALE = (0.05, 0.4)
+DINO_LOCAL_SIZE_AT_224 = 96
+
+
+def dino_views(local_crops_number: int = DINO_LOCAL_CROPS_NUMBER, local_size: int | None = DINO_LOCAL_SIZE_AT_224,
+               global_scale: tuple[float, float] = DINO_GLOBAL_SCALE,
+               local_scale: tuple[float, float] = DINO_LOCAL_SCALE) -> tuple[ViewSpec, ...]:
+    """DINO's views: global crop 1 (blur p 1.0), global crop 2 (blur p 0.1, solarize p 0.2), both
+    at the run's image size, then `local_crops_number` local crops of `local_size` (blur p 0.5)."""
+    global_1 = ViewSpec(crop_scale=tuple(global_scale), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                        blur_p=1.0, interpolation="bicubic")
+    global_2 = dataclasses.replace(global_1, blur_p=0.1, solarize_p=0.2)
+    local = dataclasses.replace(global_1, crop_scale=tuple(local_scale), blur_p=0.5, size=local_size)
+    return (global_1, global_2) + (local,) * local_crops_number
+
+
 AUGMENTATIONS: dict[str, Preset] = {
-    "moco_v1": Preset("moco_v1", _MOCO_V1, _MOCO_V1, "MoCo v1, facebookresearch/moco main_moco.py (default)"),
-    "moco_v2": Preset("moco_v2", _MOCO_V2, _MOCO_V2, "MoCo v2, arXiv:2003.04297; moco --aug-plus"),
-    "byol": Preset("byol", _BYOL_1, _BYOL_2, "BYOL, arXiv:2006.07733, Table 6 (asymmetric views)"),
-    "simclr": Preset("simclr", _SIMCLR, _SIMCLR, "SimCLR, arXiv:2002.05709, Appendix A (strength s=1)"),
-    "mocov3_resnet": Preset("mocov3_resnet", _MOCOV3_RESNET_1, _MOCOV3_RESNET_2,
+    "moco_v1": Preset("moco_v1", (_MOCO_V1, _MOCO_V1), "MoCo v1, facebookresearch/moco main_moco.py (default)"),
+    "moco_v2": Preset("moco_v2", (_MOCO_V2, _MOCO_V2), "MoCo v2, arXiv:2003.04297; moco --aug-plus"),
+    "byol": Preset("byol", (_BYOL_1, _BYOL_2), "BYOL, arXiv:2006.07733, Table 6 (asymmetric views)"),
+    "simclr": Preset("simclr", (_SIMCLR, _SIMCLR), "SimCLR, arXiv:2002.05709, Appendix A (strength s=1)"),
+    "mocov3_resnet": Preset("mocov3_resnet", (_MOCOV3_RESNET_1, _MOCOV3_RESNET_2),
                             "moco-v3 CONFIG.md's ResNet-50 views: BYOL's with --crop-min=.2"),
+    "dino": Preset("dino", dino_views(), "DINO, arXiv:2104.14294; facebookresearch/dino DataAugmentationDINO",
+                   ("2 global crops at the image size, then --local-crops-number local crops (96 px at 224)",)),
 }
 
 
-def get_preset(name: str, image_size: int = 224) -> Preset:
-    """The augmentation recipe `name` (moco_v1, moco_v2, byol, simclr) at `image_size`."""
+def default_local_size(image_size: int) -> int:
+    """DINO's local crop size scaled with the image: 96 at 224 (image_size * 96 / 224, rounded)."""
+    return max(1, round(image_size * DINO_LOCAL_SIZE_AT_224 / 224))
+
+
+def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"{name} must be two area fractions 0 < min <= max <= 1; got {tuple(scale)}")
+    return lo, hi
+
+
+def get_preset(
+    name: str,
+    image_size: int = 224,
+    *,
+    local_crops_number: int | None = None,
+    local_size: int | None = None,
+    global_scale: Sequence[float] | None = None,
+    local_scale: Sequence[float] | None = None,
+) -> Preset:
+    """The augmentation recipe `name` (see AUGMENTATIONS) at `image_size` (Preset.for_image_size:
+    no blur on views of at most SMALL_IMAGE_MAX pixels). Views without a size of their own take
+    the run's image size wherever the preset is used.
+
+    The dino preset takes its run options (facebookresearch/dino's flags; None: its default):
+    `local_crops_number` (8), `local_size` (default_local_size(image_size): 96 at 224),
+    `global_scale` ((0.4, 1.0)) and `local_scale` ((0.05, 0.4)). Other presets take none.
+    """
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation preset '{name}'; valid: {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name].for_image_size(image_size)
+    options = {"local_crops_number": local_crops_number, "local_size": local_size, "global_scale": global_scale,
+               "local_scale": local_scale}
+    given = [k for k, v in options.items() if v is not None]
+    preset = AUGMENTATIONS[name]
+    if name == "dino":
+        n = DINO_LOCAL_CROPS_NUMBER if local_crops_number is None else int(local_crops_number)
+        if n < 0:
+            raise ValueError(f"local_crops_number must be 0 or more; got {local_crops_number}")
+        size = default_local_size(image_size) if local_size is None else int(local_size)
+        if size < 1:
+            raise ValueError(f"local_size must be at least 1 pixel; got {local_size}")
+        views = dino_views(n, size, _check_scale("global_scale", global_scale or DINO_GLOBAL_SCALE),
+                           _check_scale("local_scale", local_scale or DINO_LOCAL_SCALE))
+        preset = dataclasses.replace(preset, views=views)
+    elif given:
+        raise ValueError(f"{', '.join(given)}: options of the dino preset only, not of '{name}'")
+    return preset.for_image_size(image_size)
 
 
-def build_two_crops_transform(
-    name: str, image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD
-) -> TwoCropsTransform:
-    """The reference per-image two-view transform of preset `name` (PIL image -> 2 tensors)."""
-    preset = get_preset(name, image_size)
-    t1 = preset.view1.to_torchvision(image_size, mean, std)
-    if preset.view2 == preset.view1:
-        return TwoCropsTransform(t1)
-    return TwoCropsTransform(t1, preset.view2.to_torchvision(image_size, mean, std))
+def build_multi_crop_transform(
+    preset: str | Preset, image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> MultiCropTransform:
+    """The reference per-image transform of `preset` (a Preset, or a name for get_preset's
+    defaults): PIL image -> one tensor per view, in the preset's order."""
+    if isinstance(preset, str):
+        preset = get_preset(preset, image_size)
+    built: dict[ViewSpec, T.Compose] = {}  # views with one spec share one transform
+    for v in preset.views:
+        if v not in built:
+            built[v] = v.to_torchvision(image_size, mean, std)
+    return MultiCropTransform([built[v] for v in preset.views])
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

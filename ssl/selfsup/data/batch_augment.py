@@ -3,15 +3,15 @@
 The reference pipeline (`selfsup.data.augmentations`) does everything per image in the loading workers,
 as facebookresearch/moco does. The batched backend splits that work in two:
 
-* the workers (`selfsup.data.crops`) decode each image once, cut both random resized crops from it,
-  flip them and hand over uint8 views - 4x fewer bytes to copy than float32;
+* the workers (`selfsup.data.crops`) decode each image once, cut every view's random resized crop
+  from it, flip them and hand over uint8 views - 4x fewer bytes to copy than float32;
 * this module turns a batch of such views into the model's input on the training device:
   ColorJitter (brightness, contrast, saturation and an exact HSV hue shift, in a random order
   per sample), grayscale, Gaussian blur, solarize and normalisation, in the requested dtype and
   memory format.
 
 For small datasets held in memory (`selfsup.data.inmemory`) the crop and flip run batched on the
-device too (`TwoViewAugment.forward_from_images`, with selfsup.data.crops's batched geometry), so
+device too (`ViewsAugment.forward_from_images`, with selfsup.data.crops's batched geometry), so
 nothing per image is left on the CPU.
 
 Every operation reproduces the tensor formulas of torchvision's `transforms.functional`
@@ -353,10 +353,13 @@ class BatchAugment(nn.Module):
         return sample_view_params(self.spec, n, generator)
 
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, params: ViewParams | None = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None, params: ViewParams | None = None,
+        segment: int | None = None,
     ) -> torch.Tensor:
         """images: N x 3 x H x W, uint8 or float in [0, 1]. Draws the parameters from
-        `generator` (a CPU generator) unless `params` are given."""
+        `generator` (a CPU generator) unless `params` are given. With `segment`, the batch is
+        several views of this spec one after another (`segment` samples each, see ViewsAugment):
+        CPU chunks are then cut inside each view, as for the view alone."""
         n, c, h, w = images.shape
         if c != 3:
             raise ValueError(f"BatchAugment takes N x 3 x H x W images; got shape {tuple(images.shape)}")
@@ -366,8 +369,12 @@ class BatchAugment(nn.Module):
         out = torch.empty((n, c, h, w), dtype=self.out_dtype, device=images.device, memory_format=fmt)
         mean, std = self.mean.to(images.device), self.std.to(images.device)
         step = self._chunk_size(images)
-        for start in range(0, n, step):
-            stop = min(start + step, n)
+        if step <= 0:  # the whole batch at once (an accelerator), every view of it together
+            step = segment = max(n, 1)
+        segment = segment or max(n, 1)
+        chunks = [(start, min(start + step, end)) for first in range(0, n, segment)
+                  for end in [min(first + segment, n)] for start in range(first, end, step)]
+        for start, stop in chunks:
             p = params.slice(start, stop)
             # Sort the chunk by ColorJitter order: each (slot, operation) subset then falls into
             # few contiguous runs (one at the first slot), worked on as slices or written back
@@ -384,12 +391,13 @@ class BatchAugment(nn.Module):
         return out
 
     def _chunk_size(self, images: torch.Tensor) -> int:
+        """Samples per chunk; 0: the whole batch in one."""
         n, c, h, w = images.shape
         budget = self.chunk_bytes
         if budget is None:
             budget = CPU_CHUNK_BYTES if images.device.type == "cpu" else 0
         if budget <= 0:
-            return max(n, 1)
+            return 0
         return max(1, budget // (c * h * w * 4))
 
     def augment_unit(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
@@ -431,16 +439,25 @@ class BatchAugment(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Both views of a preset
+# Every view of a preset
 # ----------------------------------------------------------------------------------------------
 
 
-class TwoViewAugment(nn.Module):
-    """A preset's two views (`Preset.view1`, `Preset.view2`: BYOL's differ) on the device.
+class ViewsAugment(nn.Module):
+    """A preset's views (`Preset.views`: BYOL's two differ, DINO's are two global crops and
+    several local ones of another size) on the device.
 
-    `forward(views, generator)` takes the workers' two uint8 batches; `forward_from_images`
-    crops and flips images held in memory first. Parameters are drawn from `generator` in a
-    fixed order: view 1 (crop, then colour), then view 2.
+    `forward(views, generator)` takes the workers' uint8 batches, one per view (N x 3 x S_v x
+    S_v); `forward_from_images` crops and flips images held in memory first. Parameters are
+    drawn from `generator` view after view, in the preset's order (for images in memory: a
+    view's crop boxes, flips, then colour parameters), so a two-view preset draws what it always
+    drew. The views that share a spec (and so a size: MoCo's two, DINO's local crops) are then
+    augmented in one BatchAugment call.
+
+    Args:
+        preset: the views.
+        image_size: the run's image size, for views without a size of their own.
+        mean, std, out_dtype, channels_last: as BatchAugment.
     """
 
     def __init__(
@@ -455,23 +472,46 @@ class TwoViewAugment(nn.Module):
         super().__init__()
         self.preset = preset
         self.image_size = image_size
-        self.views = nn.ModuleList(
-            [BatchAugment(spec, mean, std, out_dtype, channels_last) for spec in (preset.view1, preset.view2)]
-        )
+        self.specs = tuple(preset.views)
+        self.sizes = preset.sizes(image_size)
+        # One BatchAugment per distinct spec; groups[k] lists the views (indices) of augments[k].
+        distinct = list(dict.fromkeys(self.specs))
+        self.augments = nn.ModuleList([BatchAugment(spec, mean, std, out_dtype, channels_last) for spec in distinct])
+        self.groups = [[i for i, v in enumerate(self.specs) if v == spec] for spec in distinct]
 
     def forward(self, views: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-        return [aug(v, generator) for aug, v in zip(self.views, views)]
+        if len(views) != len(self.specs):
+            raise ValueError(f"preset '{self.preset.name}' has {len(self.specs)} views; got {len(views)} batches")
+        params = [sample_view_params(spec, v.shape[0], generator) for spec, v in zip(self.specs, views)]
+        return self._colour(views, params)
 
     def forward_from_images(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """images: N x C x H x W uint8 (C = 1 or 3) -> two augmented views at image_size."""
+        """images: N x C x H x W uint8 (C = 1 or 3) -> every view, augmented, at its size."""
         n, c, h, w = images.shape
-        out = []
-        for aug in self.views:
-            spec = aug.spec
+        draws = []
+        for spec in self.specs:
             boxes = sample_crop_boxes(n, h, w, spec.crop_scale, spec.crop_ratio, generator)
             flip = torch.rand(n, generator=generator) < spec.flip_p
-            x = resized_crop(images, boxes, self.image_size, flip)
+            draws.append((boxes, flip, sample_view_params(spec, n, generator)))
+        crops = []
+        for spec, size, (boxes, flip, _) in zip(self.specs, self.sizes, draws):
+            x = resized_crop(images, boxes, size, flip, spec.interpolation)
             if c == 1:  # Pillow's "L" -> "RGB": the same value in every channel
-                x = x.expand(n, 3, self.image_size, self.image_size)
-            out.append(aug(x.contiguous(), generator))
-        return out
+                x = x.expand(n, 3, size, size)
+            crops.append(x.contiguous())
+        return self._colour(crops, [p for _, _, p in draws])
+
+    def _colour(self, views: list[torch.Tensor], params: list[ViewParams]) -> list[torch.Tensor]:
+        """The colour half of every view, one BatchAugment call per group of views with one spec."""
+        out: list[torch.Tensor | None] = [None] * len(views)
+        for aug, group in zip(self.augments, self.groups):
+            if len(group) == 1:
+                out[group[0]] = aug(views[group[0]], params=params[group[0]])
+                continue
+            n = views[group[0]].shape[0]
+            batch = torch.cat([views[i] for i in group])
+            joined = ViewParams(**{k: torch.cat([getattr(params[i], k) for i in group])
+                                   for k in params[group[0]].__dict__})
+            for i, part in zip(group, aug(batch, params=joined, segment=n).split(n)):
+                out[i] = part
+        return out  # type: ignore[return-value]

@@ -3,7 +3,7 @@
 At 28-64 pixels a per-image loader spends more time on Python and PIL overhead per image than
 the network spends on it. Held as N x C x H x W uint8 (60k Fashion-MNIST images are 47 MB, 50k
 CIFAR images 150 MB), a batch is one indexing operation, and crop, flip and colour run batched
-(`selfsup.data.batch_augment.TwoViewAugment.forward_from_images`).
+(`selfsup.data.batch_augment.ViewsAugment.forward_from_images`).
 
     data = InMemoryImages(images, labels)   # numpy or torch uint8: N x H x W, N x C x H x W
     pipeline = build_memory_pipeline(data, aug="simclr", image_size=32, batch_size=256, dist=DistInfo(), seed=0)

@@ -7,7 +7,7 @@ views the model takes, on the training device. The data paths (docs/PERFORMANCE.
 
 * reference: the workers do everything per image (PIL + torchvision v1, as facebookresearch/moco);
   `views` only copies.
-* batched: the workers decode once and cut both crops as uint8 (selfsup.data.crops); colour, blur,
+* batched: the workers decode once and cut every view's crop as uint8 (selfsup.data.crops); colour, blur,
   solarize and normalisation run batched (selfsup.data.batch_augment) on the accelerator - or, on a
   CPU-only run, in the workers too, so that they overlap with the training step.
 * memory: the whole dataset is one uint8 tensor (selfsup.data.inmemory); everything, crops
@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -37,9 +37,9 @@ from ..distributed import DistInfo
 from ..rng import augment_generator
 from . import (FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist_root, find_samples, load_fashion_mnist,
                training_loader)
-from .augmentations import SMALL_IMAGE_MAX, build_two_crops_transform, get_preset
-from .batch_augment import TwoViewAugment
-from .crops import TwoCropsDataset, host_to
+from .augmentations import SMALL_IMAGE_MAX, build_multi_crop_transform, get_preset
+from .batch_augment import ViewsAugment
+from .crops import CropsDataset, host_to
 from .inmemory import IndexBatchLoader, InMemoryImages, NotHeldInMemory
 from .sampler import ResumableDistributedSampler, StepBatchSampler
 
@@ -55,7 +55,7 @@ AUTO_MEMORY_MAX_BYTES = 2 << 30
 class Pipeline:
     loader: Iterable
     sampler: ResumableDistributedSampler
-    views: Callable[..., list[list[torch.Tensor]]]  # (batch, epoch, step) -> micro-batches of [view1, view2]
+    views: Callable[..., list[list[torch.Tensor]]]  # (batch, epoch, step) -> micro-batches of [view, ...]
     num_images: int
     description: str
     backend: str = "reference"
@@ -98,7 +98,7 @@ def copied_views(device: torch.device, channels_last: bool, k: int = 1) -> Calla
     return views
 
 
-def _augmented(augment: TwoViewAugment, device: torch.device, seed: int, rank: int,
+def _augmented(augment: ViewsAugment, device: torch.device, seed: int, rank: int,
                k: int = 1) -> Callable[..., list[list[torch.Tensor]]]:
     """`views` for uint8 crops: the batched colour half on the device, micro-batch j as virtual rank
     rank*k + j."""
@@ -138,17 +138,19 @@ def build_memory_pipeline(
     description: str = "",
     data_id: str = "",
     accum: int = 1,
+    aug_options: Mapping[str, Any] | None = None,
 ) -> Pipeline:
     """The pretraining data path over images held in memory (`InMemoryImages`, e.g. built from
     numpy arrays); crop, flip and colour all run batched on `dist.device`.
 
-    `batch_size` is the per-process batch (`accum` micro-batches). Each process holds the whole
-    dataset (on its device). On a CPU-only run with `workers` > 0 the batches are augmented in
-    that many loader workers instead, overlapping with the training step (same views).
+    `batch_size` is the per-process batch (`accum` micro-batches); `aug_options` the preset's run
+    options (get_preset's keywords: the dino preset's local crops and scales). Each process holds
+    the whole dataset (on its device). On a CPU-only run with `workers` > 0 the batches are
+    augmented in that many loader workers instead, overlapping with the training step (same views).
     """
     sampler = ResumableDistributedSampler(len(data), batch_size, dist.world_size, dist.rank, seed=seed, accum=accum)
-    augment = TwoViewAugment(get_preset(aug, image_size), image_size, out_dtype=out_dtype,
-                             channels_last=channels_last).to(dist.device)
+    preset = get_preset(aug, image_size, **(aug_options or {}))
+    augment = ViewsAugment(preset, image_size, out_dtype=out_dtype, channels_last=channels_last).to(dist.device)
     if dist.device.type == "cpu" and workers > 0:
         loader = training_loader(InMemoryBatches(data, augment, seed, dist.rank, accum), StepBatchSampler(sampler),
                                  batch_size=None, workers=workers, seed=seed, pin_memory=False)
@@ -167,7 +169,7 @@ def build_memory_pipeline(
     c, h, w = data.image_shape
     head = description or (f"{len(data)} images" + (f" ({data.skipped} unreadable left out)" if data.skipped else ""))
     description = (
-        f"{head}; aug {aug} at {image_size}px, held in memory ({c}x{h}x{w} uint8, "
+        f"{head}; aug {aug} {preset.describe(image_size)}, held in memory ({c}x{h}x{w} uint8, "
         f"{data.images.numel() / 2**20:.0f} MiB), crops and colour batched {where}"
     )
     return Pipeline(loader, sampler, views, len(data), description, "memory", data_id or arrays_id(data))
@@ -186,13 +188,16 @@ def build_pretrain_pipeline(
     channels_last: bool = False,
     out_dtype: torch.dtype = torch.float32,
     accum: int = 1,
+    aug_options: Mapping[str, Any] | None = None,
 ) -> Pipeline:
     """The pretraining data path over the images of `data_dir` (class folders or flat).
 
     `batch_size` is the per-process batch, `accum` its micro-batches (--accum-iter); `backend` one
     of AUG_BACKENDS; `out_dtype` the dtype of the views the batched and memory backends return
-    (e.g. torch.bfloat16 under bf16 autocast).
+    (e.g. torch.bfloat16 under bf16 autocast); `aug_options` the preset's run options, get_preset's
+    keywords (dino: local_crops_number, local_size, global_scale, local_scale).
     """
+    preset = get_preset(aug, image_size, **(aug_options or {}))  # unknown names and options fail here
     if backend not in AUG_BACKENDS:
         raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(AUG_BACKENDS)}")
     fmnist = fashion_mnist_root(data_dir)
@@ -201,6 +206,7 @@ def build_pretrain_pipeline(
         return build_memory_pipeline(InMemoryImages(x, y, FASHION_MNIST_CLASSES), aug=aug, image_size=image_size,
                                      batch_size=batch_size, dist=dist, seed=seed, workers=workers,
                                      channels_last=channels_last, out_dtype=out_dtype, accum=accum,
+                                     aug_options=aug_options,
                                      description=f"Fashion-MNIST training set ({len(x)} images) from {fmnist}")
     samples, classes = find_samples(data_dir)
     what = f"{len(samples)} images ({len(classes) or 'no'} classes) from {data_dir}"
@@ -220,32 +226,32 @@ def build_pretrain_pipeline(
                 f" ({data.skipped} unreadable of {len(samples)} left out)" if data.skipped else "")
             return build_memory_pipeline(data, aug=aug, image_size=image_size, batch_size=batch_size, dist=dist,
                                          seed=seed, workers=workers, channels_last=channels_last, out_dtype=out_dtype,
-                                         description=held, data_id=files_id(samples, data_dir), accum=accum)
+                                         description=held, data_id=files_id(samples, data_dir), accum=accum,
+                                         aug_options=aug_options)
 
     sampler = ResumableDistributedSampler(len(samples), batch_size, dist.world_size, dist.rank, seed=seed, accum=accum)
     pin = dist.device.type == "cuda"
     if backend == "reference":
-        dataset = ImageDataset(samples, build_two_crops_transform(aug, image_size), classes)
+        dataset = ImageDataset(samples, build_multi_crop_transform(preset, image_size), classes)
         loader = training_loader(dataset, sampler, batch_size=batch_size, workers=workers, seed=seed, pin_memory=pin,
                                  drop_last=True)
         views = copied_views(dist.device, channels_last, accum)
         how = f"reference per-image pipeline in {workers} worker(s)"
     else:
-        preset = get_preset(aug, image_size)
-        augment = TwoViewAugment(preset, image_size, out_dtype=out_dtype, channels_last=channels_last)
-        crops = TwoCropsDataset(samples, preset, image_size, classes)
+        augment = ViewsAugment(preset, image_size, out_dtype=out_dtype, channels_last=channels_last)
+        crops = CropsDataset(samples, preset, image_size, classes)
         if dist.device.type == "cpu":
             # No accelerator: the batched colour half runs in the workers, next to the crops.
-            batches = TwoCropsBatches(crops, augment, seed, dist.rank, accum)
+            batches = CropsBatches(crops, augment, seed, dist.rank, accum)
             views = copied_views(dist.device, channels_last)
             how = f"decode + crops + batched colour in {workers} worker(s)"
         else:
-            batches = TwoCropsBatches(crops)
+            batches = CropsBatches(crops)
             views = _augmented(augment.to(dist.device), dist.device, seed, dist.rank, accum)
             how = f"decode + crops in {workers} worker(s), colour batched on {dist.device}"
         loader = training_loader(batches, StepBatchSampler(sampler), batch_size=None, workers=workers, seed=seed,
                                  pin_memory=pin)
-    description = f"{what}; aug {aug} at {image_size}px, {how}"
+    description = f"{what}; aug {aug} {preset.describe(image_size)}, {how}"
     return Pipeline(loader, sampler, views, len(samples), description, backend, files_id(samples, data_dir))
 
 
@@ -254,9 +260,10 @@ def build_pretrain_pipeline(
 # ----------------------------------------------------------------------------------------------
 
 
-class TwoCropsBatches(torch.utils.data.Dataset):
-    """Whole batches of a TwoCropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
-    (sampler.StepBatchSampler): `([view1, view2], labels, skipped)` with N x 3 x S x S views.
+class CropsBatches(torch.utils.data.Dataset):
+    """Whole batches of a CropsDataset, fetched by `(epoch, step, [(index, seed), ...])` keys
+    (sampler.StepBatchSampler): `([view, ...], labels, skipped)`, one N x 3 x S_v x S_v batch per
+    view of the preset, in its order.
 
     With `augment`, the batched colour half runs here too, with the generator the device would
     use for that step (augment_generator(seed, epoch, step, rank), micro-batch j of `accum` as
@@ -265,14 +272,14 @@ class TwoCropsBatches(torch.utils.data.Dataset):
     at the batched cost per image. Without it the views stay uint8 for the device.
     """
 
-    def __init__(self, dataset: TwoCropsDataset, augment: TwoViewAugment | None = None, seed: int = 0,
+    def __init__(self, dataset: CropsDataset, augment: ViewsAugment | None = None, seed: int = 0,
                  rank: int = 0, accum: int = 1) -> None:
         self.dataset, self.augment, self.seed, self.rank, self.accum = dataset, augment, seed, rank, accum
 
     def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):
         epoch, step, items = key
         out = [self.dataset[item] for item in items]
-        views = [torch.stack([o[0][k] for o in out]) for k in (0, 1)]
+        views = [torch.stack([o[0][k] for o in out]) for k in range(len(self.dataset.specs))]
         labels = torch.tensor([o[1] for o in out])
         skipped = torch.tensor([o[2] for o in out])
         if self.augment is not None:
@@ -283,14 +290,14 @@ class TwoCropsBatches(torch.utils.data.Dataset):
 
 class InMemoryBatches(torch.utils.data.Dataset):
     """Augmented batches of images held in memory, fetched by `(epoch, step, [(index, seed), ...])`
-    keys (sampler.StepBatchSampler): `(micro-batches of [view1, view2], labels, skipped)`.
+    keys (sampler.StepBatchSampler): `(micro-batches of [view, ...], labels, skipped)`.
 
     What a CPU-only run's loader workers make, so that the augmentation overlaps with the
     training step; the generators are the ones the device would use for that step, so the views
     are those of `build_memory_pipeline(...).views`.
     """
 
-    def __init__(self, data: InMemoryImages, augment: TwoViewAugment, seed: int, rank: int, accum: int = 1) -> None:
+    def __init__(self, data: InMemoryImages, augment: ViewsAugment, seed: int, rank: int, accum: int = 1) -> None:
         self.data, self.augment, self.seed, self.rank, self.accum = data, augment, seed, rank, accum
 
     def __getitem__(self, key: tuple[int, int, list[tuple[int, int]]]):

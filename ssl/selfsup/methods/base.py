@@ -71,6 +71,11 @@ class Method(nn.Module):
     linear: ClassVar[dict[str, Any]] = {}
     run_defining: ClassVar[tuple[str, ...]] = ()
     networks: ClassVar[tuple[str, ...]] = ("encoder_q",)  # what --compile compiles
+    # The network evaluations read (online kNN, checkpoints for main_lincls.py / main_knn.py):
+    # the one trained by gradients, but for DINO, whose evaluations take its teacher.
+    evaluated: ClassVar[str] = "encoder_q"
+    # Its own flags beyond the common ones: (flag, argparse keywords), added to main_pretrain.py.
+    flags: ClassVar[tuple[tuple[str, dict], ...]] = ()
     # The pretext metrics of `last_pretext`: name -> label of the progress line.
     pretext: ClassVar[dict[str, str]] = {"acc1": "Acc@1", "acc5": "Acc@5"}
 
@@ -101,6 +106,19 @@ class Method(nn.Module):
         loss, _ = self.objective(list(views), plan, 0)
         self.finish(plan)
         return loss
+
+    def set_epoch(self, epoch: float) -> None:
+        """The method's schedules by epoch (fractional), set before each step (DINO's teacher
+        temperature); nothing by default."""
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer,
+                              scaler: torch.amp.GradScaler | None = None) -> None:
+        """What the method does to the step's gradients before the optimizer applies them (DINO
+        clips each one and drops its last layer's in the first epoch); nothing by default. `scaler`:
+        the step's fp16 GradScaler, if any (its gradients are unscaled first)."""
+
+    def after_optimizer_step(self) -> None:
+        """What follows the optimizer step (DINO's teacher EMA); nothing by default."""
 
     def momentum_at(self, progress: float) -> float | None:
         """Set and return the momentum for training `progress` (the fraction of all steps done,
