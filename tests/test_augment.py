@@ -483,13 +483,16 @@ def test_dino_preset_is_dinos_data_augmentation():
     assert [c.size for c in crops] == [(224, 224)] * 2 + [(96, 96)] * 8
     assert all(c.interpolation == T.InterpolationMode.BICUBIC for c in crops)
     assert [tuple(c.scale) for c in crops] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8
-    # Its run options, and the small-image rule by each view's own size.
+    # Its run options; the small-image rule goes by the run's image size, not by a view's.
     custom = get_preset("dino", 224, local_crops_number=2, local_size=64, global_scale=(0.3, 1.0), local_scale=(0.1, 0.3))
     assert custom.sizes(224) == (224, 224, 64, 64)
     assert [v.crop_scale for v in custom.views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 2
-    assert [v.blur_p for v in custom.views] == [1.0, 0.1, 0.0, 0.0]  # 64 px locals: no blur
-    assert get_preset("dino", 32).sizes(32) == (32, 32) + (14,) * 8  # 96 / 224 of the image size
+    assert [v.blur_p for v in custom.views] == [1.0, 0.1, 0.5, 0.5]  # 64-px locals of a 224-px run blur (p 0.5)
+    assert get_preset("dino", 32).sizes(32) == (32, 32) + (16,) * 8  # 96 / 224 of the image size, to 8 px
     assert all(v.blur_p == 0.0 for v in get_preset("dino", 32).views)
+    # At 128 px the run is no small-image recipe: its 56-px local crops blur as DINO's (p 0.5)
+    mid = get_preset("dino", 128)
+    assert mid.sizes(128) == (128, 128) + (56,) * 8 and [v.blur_p for v in mid.views] == [1.0, 0.1] + [0.5] * 8
     assert len(get_preset("dino", 224, local_crops_number=0).views) == 2
     with pytest.raises(ValueError, match="dino preset only"):
         get_preset("moco_v2", 224, local_crops_number=2)

@@ -116,19 +116,49 @@ def test_the_last_layer_is_weight_normalised_with_its_norm_frozen_or_not(norm_la
 
 
 def test_the_last_layer_learns_nothing_in_the_first_epoch_and_the_rest_moves():
-    model = tiny(freeze_last_layer=1, clip_grad=0)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    # main_dino.py's cancel_gradients_last_layer sets the gradients to None, so AdamW skips the layer
+    # altogether: no decoupled weight decay, no moments (a zeroed gradient would still decay it).
+    model = tiny(freeze_last_layer=1, clip_grad=3.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    last = model.encoder_q.fc.last_layer.weight_v
     for epoch, frozen in ((0.5, True), (1.0, False)):
         before = {k: p.detach().clone() for k, p in model.encoder_q.named_parameters()}
         model.set_epoch(epoch)
         opt.zero_grad()
         model(*crops()).backward()
         model.before_optimizer_step(opt, scaler)
+        assert (last.grad is None) is frozen
         opt.step()
         moved = {k for k, p in model.encoder_q.named_parameters() if not torch.equal(p, before[k])}
         assert ("fc.last_layer.weight_v" not in moved) is frozen, (epoch, moved)
+        assert (last in opt.state) is not frozen
         assert {"conv1.weight", "fc.mlp.0.weight"} <= moved
+
+
+def test_fp16_gradients_are_unscaled_before_they_are_clipped():
+    # Under fp16 the GradScaler multiplies the loss by 2^16: clipping the scaled gradients at the bound
+    # would shrink the real step 65536-fold once the scaler divides. The reference: the unscaled
+    # gradients, each clipped on its own (utils.clip_gradients), then the optimizer's step.
+    model = tiny(freeze_last_layer=0, clip_grad=0.05)
+    views = crops()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(*views)).backward()
+    model.before_optimizer_step(opt, scaler)
+    scaler.step(opt)
+    reference(*views).backward()
+    clipped = 0
+    with torch.no_grad():
+        for p in reference.encoder_q.parameters():
+            if p.grad is not None:
+                scale = min(1.0, 0.05 / (p.grad.norm(2).item() + 1e-6))
+                clipped += scale < 1.0
+                p -= 0.1 * p.grad * scale
+    assert clipped > 0  # the bound binds somewhere: the test sees clipping at all
+    for (name, p), q in zip(model.encoder_q.named_parameters(), reference.encoder_q.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_gradients_are_clipped_parameter_by_parameter():
@@ -177,3 +207,36 @@ def test_multi_crop_flags_shape_the_dino_augmentation_only():
     assert recipes.aug_options(recipes.resolve("dino", None, False, {"aug": "byol"})) == {}
     with pytest.raises(ValueError, match="--local-crops-number: options of the dino augmentation's multi-crop"):
         recipes.resolve("dino", None, False, {"aug": "byol", "local_crops_number": 4})
+
+
+def test_lr_weight_decay_and_momentum_follow_dinos_cosine_schedulers():
+    # utils.cosine_scheduler, written out: a linear warmup (np.linspace, both ends) then
+    # final + (base - final)(1 + cos(pi i / I)) / 2 over the I remaining iterations. main_dino.py:
+    # lr (warmup to lr, cosine to min_lr), wd (0.04 -> 0.4, no warmup) on the groups that decay (a
+    # group excluded keeps 0), the teacher momentum (0.996 -> 1).
+    def cosine_scheduler(base, final, epochs, niter, warmup_epochs=0):
+        warmup = np.linspace(0, base, warmup_epochs * niter)
+        iters = np.arange(epochs * niter - warmup_epochs * niter)
+        return np.concatenate((warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+    from selfsup.distributed import DistInfo
+    from selfsup.engine import StepContext, _set_schedules
+    from selfsup.optim import build_optimizer
+
+    epochs, niter, warmup = 4, 5, 1
+    model = tiny()
+    opt = build_optimizer("adamw", [(n, p) for n, p in model.named_parameters() if p.requires_grad], 0.0, 0.9,
+                          0.04, wd_exclude="bias-norm")
+    ctx = StepContext(epochs=epochs, steps_per_epoch=niter, base_lr=5e-4, cos=True, schedule=[],
+                      warmup_epochs=warmup, amp="none", print_freq=10, global_batch=8, dist=DistInfo(),
+                      min_lr=1e-6, wd=0.04, wd_end=0.4)
+    lrs = cosine_scheduler(5e-4, 1e-6, epochs, niter, warmup)
+    wds = cosine_scheduler(0.04, 0.4, epochs, niter)
+    ms = cosine_scheduler(0.996, 1.0, epochs, niter)
+    for i in range(epochs * niter):
+        lr, m = _set_schedules(model, opt, ctx, i // niter, i % niter)
+        if i >= warmup * niter:  # the warmup's end differs by one step (docs/CONFIG.md: np.linspace includes it)
+            assert lr == pytest.approx(lrs[i], rel=1e-9, abs=1e-15), i
+        assert m == pytest.approx(ms[i], abs=1e-12), i
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == pytest.approx(wds[i], abs=1e-12) and no_decay["weight_decay"] == 0.0, i

@@ -144,7 +144,7 @@ def _set_schedules(core: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepC
     if ctx.wd_end is not None:  # DINO's utils.cosine_scheduler(wd, wd_end), on the groups that decay
         wd = cosine_lr(ctx.wd, epoch_float, ctx.epochs, 0.0, ctx.wd_end)
         for group in optimizer.param_groups:
-            if group.setdefault("decays", group["weight_decay"] > 0):
+            if group.setdefault("decays", group["weight_decay"] > 0):  # decay_groups sets it; else by the value
                 group["weight_decay"] = wd
     core.set_epoch(epoch_float)
     return lr, core.momentum_at(epoch_float / ctx.epochs)  # the method's schedule (None: no EMA)

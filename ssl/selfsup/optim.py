@@ -139,8 +139,11 @@ def decay_groups(named_params: Iterable[tuple[str, torch.Tensor]], weight_decay:
     """Two parameter groups: those that take `weight_decay` and those that take none (see
     takes_weight_decay), in the order given; an empty group is left out."""
     named = list(named_params)
-    groups = [{"params": [p for n, p in named if takes_weight_decay(n, p, exclude)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not takes_weight_decay(n, p, exclude)], "weight_decay": 0.0}]
+    # "decays": which group a weight decay schedule moves (DINO's), whatever the starting value
+    groups = [{"params": [p for n, p in named if takes_weight_decay(n, p, exclude)], "weight_decay": weight_decay,
+               "decays": True},
+              {"params": [p for n, p in named if not takes_weight_decay(n, p, exclude)], "weight_decay": 0.0,
+               "decays": False}]
     return [g for g in groups if g["params"]]
 
 

@@ -182,8 +182,8 @@ def aug_options(cfg: dict[str, Any]) -> dict[str, Any]:
     train with too (its two global crops only)."""
     if cfg.get("aug") != "dino" or cfg.get("local_crops_number") is None:  # DINO over two views (--aug byol...)
         return {}
-    from .methods.dino import local_crops_size
+    from .data.augmentations import default_local_size
 
     return {"local_crops_number": cfg["local_crops_number"],
-            "local_size": cfg.get("local_crops_size") or local_crops_size(cfg["image_size"]),
+            "local_size": cfg.get("local_crops_size") or default_local_size(cfg["image_size"]),
             "global_scale": tuple(cfg["global_crops_scale"]), "local_scale": tuple(cfg["local_crops_scale"])}

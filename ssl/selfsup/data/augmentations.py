@@ -144,11 +144,12 @@ class Preset:
         return tuple(v.output_size(image_size) for v in self.views)
 
     def for_image_size(self, image_size: int) -> "Preset":
-        """The recipe at `image_size`: blur dropped from the views of at most SMALL_IMAGE_MAX
-        pixels, each by its own size (see SMALL_IMAGE_MAX)."""
-        views = tuple(v if v.output_size(image_size) > SMALL_IMAGE_MAX else dataclasses.replace(v, blur_p=0.0)
-                      for v in self.views)
-        return self if views == self.views else dataclasses.replace(self, views=views)
+        """The recipe at `image_size`: no blur on any view when the run's images are at most
+        SMALL_IMAGE_MAX pixels (the small-image recipes); at larger sizes DINO's smaller local crops
+        keep theirs, as DINO's own."""
+        if image_size > SMALL_IMAGE_MAX:
+            return self
+        return dataclasses.replace(self, views=tuple(dataclasses.replace(v, blur_p=0.0) for v in self.views))
 
     def describe(self, image_size: int) -> str:
         """`at 224px` when every view has one size, else the views by size (`at 2x224px + 8x96px`)."""
@@ -215,8 +216,9 @@ AUGMENTATIONS: dict[str, Preset] = {
 
 
 def default_local_size(image_size: int) -> int:
-    """DINO's local crop size scaled with the image: 96 at 224 (image_size * 96 / 224, rounded)."""
-    return max(1, round(image_size * DINO_LOCAL_SIZE_AT_224 / 224))
+    """DINO's local crop size for `image_size`: 96 at 224, in proportion elsewhere, a multiple of 8
+    (a whole number of patches for patch 4 and 8): 16 at 32 px."""
+    return max(8, round(image_size * DINO_LOCAL_SIZE_AT_224 / 224 / 8) * 8)
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:

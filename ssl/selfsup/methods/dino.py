@@ -68,12 +68,6 @@ class DINOHead(nn.Module):
         return (out, z) if embedding else out
 
 
-def local_crops_size(image_size: int) -> int:
-    """DINO's local crop size for `image_size`: 96 at 224, in proportion elsewhere, a multiple of 8
-    (a whole number of patches for patch 4 and 8): 16 at 32 px."""
-    return max(8, round(image_size * 96 / 224 / 8) * 8)
-
-
 def teacher_temperature(epoch: int, warmup: float, final: float, warmup_epochs: int) -> float:
     """DINO's teacher temperature at integer `epoch`: linear from `warmup` to `final` over the first
     `warmup_epochs` (np.linspace, both ends included), then `final` (main_dino.py DINOLoss)."""
