@@ -19,8 +19,8 @@ Configuration and training:
     cli          checks, agreement across ranks, args, launchers: what each entry script does around its work
 Data (the package data/):
     data         image folders that survive bad files, Fashion-MNIST, the training loader
-    data.augmentations   the papers' augmentations (one spec for both pipelines), reference transforms
-    data.crops           crop geometry, decode-once worker crops
+    data.augmentations   the papers' augmentations (one spec per view for every pipeline), reference transforms
+    data.crops           crop geometry (bilinear, bicubic), decode-once worker crops of every view
     data.batch_augment   the batched colour half (on the device)
     data.inmemory        small datasets held in memory
     data.pipeline        how pretraining batches reach the model (the backends)
