@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import run_distributed
 from selfsup.accumulation import Accumulation
 from selfsup.methods import DINO
-from selfsup.methods.dino import DINOHead, clip_each_, teacher_temperature
+from selfsup.methods.dino import DINOHead, clip_each_, dino_loss, teacher_temperature
 from test_builder import tiny_encoder
 
 
@@ -67,6 +67,27 @@ def test_the_loss_is_dinos_over_every_pair_of_different_views():
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     # The center moves after the loss, once: 0.9 c + 0.1 mean(teacher outputs of the step).
     torch.testing.assert_close(model.center, 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True))
+
+
+def test_the_agreement_meter_counts_every_pair_of_different_views():
+    """The pretext meter: percent of (teacher view, other student view, sample) triples whose top
+    prototypes coincide, counted one by one."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 6, 5
+    student = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(4)]
+    targets = [F.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) / 0.3, -1) for _ in range(2)]
+    student[2][:3] = targets[0][:3] * 10  # some agreement to count
+    hits, triples = 0, 0
+    for iq in range(2):
+        for v in range(4):
+            if v != iq:
+                for i in range(n):
+                    hits += max(range(k), key=lambda c: student[v][i, c].item()) == \
+                        max(range(k), key=lambda c: targets[iq][i, c].item())
+                    triples += 1
+    _, pretext = dino_loss(student, targets, 0.1)
+    assert pretext["acc1"].item() == pytest.approx(100 * hits / triples, rel=1e-6)  # counted in float32
+    assert hits > 0
 
 
 def _step(rank, world, views, center):
