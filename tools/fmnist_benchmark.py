@@ -3,7 +3,7 @@
 in the same run.
 
     python tools/fmnist_benchmark.py --method moco --epochs 10          # one method, a CPU
-    python tools/fmnist_benchmark.py --method all --epochs 10           # MoCo v2, BYOL, SimCLR in turn
+    python tools/fmnist_benchmark.py --method all --epochs 10           # every method in turn
     python tools/fmnist_benchmark.py --method all --epochs 100 --device cuda   # a GPU (gpu_check's learn)
 
 For each method, the commands a user types (logged in OUT/<method>/commands.txt):

@@ -20,7 +20,7 @@ from pathlib import Path
 # (metrics key, panel title, log scale)
 PANELS = (
     ("loss", "training loss", False),
-    ("acc1", "pretext task: Acc@1 of the positive (%)", False),
+    ("acc1", "pretext Acc@1 (%): the positive first; DINO: top prototypes agree", False),
     ("cos", "pretext task: cos(prediction, target)", False),
     ("knn_top1", "online kNN top-1 (%), 0: before training", False),
     ("lr", "learning rate", False),
