@@ -76,7 +76,8 @@ def test_the_agreement_meter_counts_every_pair_of_different_views():
     n, k = 6, 5
     student = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(4)]
     targets = [F.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) / 0.3, -1) for _ in range(2)]
-    student[2][:3] = targets[0][:3] * 10  # some agreement to count
+    student[2][:3] = targets[0][:3] * 10  # agreement with each teacher view, so that every pairing
+    student[3][:5] = targets[1][:5] * 10  # mixed up counts something else
     hits, triples = 0, 0
     for iq in range(2):
         for v in range(4):
